@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+
+from tinynet import nn
+from tinynet.gradcheck import gradcheck
+
+from conftest import torch_or_skip
+
+
+def with_random_affine(layer, rng):
+    layer.weight.data = rng.uniform(0.5, 1.5, layer.weight.shape)
+    layer.bias.data = rng.standard_normal(layer.bias.shape)
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 3, 3), (7, 2, 1, 1)])
+def test_batchnorm2d_train_gradcheck(shape, rng):
+    layer = with_random_affine(nn.BatchNorm2d(shape[1], dtype=np.float64), rng)
+    x = rng.standard_normal(shape) * 3 + 1
+    report = gradcheck(layer, x, seed=3)
+    report.assert_ok()
+
+
+def test_batchnorm_dx_is_not_trivially_zero(rng):
+    # With an all-ones upstream gradient BatchNorm's dx is analytically zero, which hides bugs;
+    # a random one must give a clearly non-zero dx.
+    layer = nn.BatchNorm2d(3, dtype=np.float64)
+    x = rng.standard_normal((4, 3, 5, 5))
+    y = layer(x)
+    assert np.abs(layer.backward(np.ones_like(y))).max() < 1e-12
+    layer(x)
+    assert np.abs(layer.backward(rng.standard_normal(y.shape))).max() > 1e-2
+
+
+def test_batchnorm2d_eval_gradcheck(rng):
+    layer = with_random_affine(nn.BatchNorm2d(3, dtype=np.float64), rng)
+    layer.running_mean = rng.standard_normal(3)
+    layer.running_var = rng.uniform(0.5, 2, 3)
+    layer.eval()
+    gradcheck(layer, rng.standard_normal((2, 3, 4, 4))).assert_ok()
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 3, 7)])
+def test_batchnorm1d_gradcheck(shape, rng):
+    layer = with_random_affine(nn.BatchNorm1d(shape[1], dtype=np.float64), rng)
+    gradcheck(layer, rng.standard_normal(shape)).assert_ok()
+
+
+def test_statistics_are_per_channel_over_n_h_w(rng):
+    x = rng.standard_normal((8, 3, 4, 5)) * np.array([1, 5, 10])[None, :, None, None] + np.array([0, 3, -2])[None, :, None, None]
+    y = nn.BatchNorm2d(3, dtype=np.float64)(x)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, atol=1e-4)
+
+
+def test_running_stats_follow_pytorch_rule(rng):
+    layer = nn.BatchNorm2d(3, momentum=0.1, dtype=np.float64)
+    x = rng.standard_normal((4, 3, 5, 5)) * 2 + 3
+    layer(x)
+    m = 4 * 5 * 5
+    mean = x.mean(axis=(0, 2, 3))
+    unbiased = x.var(axis=(0, 2, 3)) * m / (m - 1)
+    np.testing.assert_allclose(layer.running_mean, 0.9 * 0 + 0.1 * mean)
+    np.testing.assert_allclose(layer.running_var, 0.9 * 1 + 0.1 * unbiased)
+    assert int(layer.num_batches_tracked) == 1
+    layer.eval()
+    y = layer(x)
+    expected = (x - layer.running_mean[None, :, None, None]) / np.sqrt(layer.running_var[None, :, None, None] + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-10)
+    assert int(layer.num_batches_tracked) == 1  # eval does not update
+
+
+def test_cumulative_average_when_momentum_is_none(rng):
+    layer = nn.BatchNorm1d(2, momentum=None, dtype=np.float64)
+    xs = [rng.standard_normal((10, 2)) + i for i in range(3)]
+    for x in xs:
+        layer(x)
+    np.testing.assert_allclose(layer.running_mean, np.mean([x.mean(0) for x in xs], axis=0))
+
+
+def test_batchnorm_bad_input():
+    with pytest.raises(ValueError, match=r"BatchNorm2d.*\(N, 4, H, W\).*\(2, 3, 5, 5\)"):
+        nn.BatchNorm2d(4)(np.zeros((2, 3, 5, 5), np.float32))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        nn.BatchNorm1d(4)(np.zeros((1, 4), np.float32))
+
+
+def test_state_dict_keys():
+    assert list(nn.BatchNorm2d(4).state_dict()) == ["weight", "bias", "running_mean", "running_var",
+                                                    "num_batches_tracked"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pytorch_parity(training, rng):
+    torch = torch_or_skip()
+    x = (rng.standard_normal((6, 4, 5, 3)) * 2 + 1).astype(np.float32)
+    layer = nn.BatchNorm2d(4)
+    ref = torch.nn.BatchNorm2d(4)
+    gamma, beta = rng.uniform(0.5, 1.5, 4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    layer.weight.data, layer.bias.data = gamma.copy(), beta.copy()
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(gamma))
+        ref.bias.copy_(torch.from_numpy(beta))
+    for _ in range(3):  # let the running statistics move
+        layer(x * 1.5)
+        ref(torch.from_numpy(x * 1.5))
+    layer.train(training)
+    ref.train(training)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = ref(xt)
+    y = layer(x)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.running_mean, ref.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.running_var, ref.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(layer.backward(g), xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.bias.grad, ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,141 @@
+"""The one place that knows NumPy from CuPy.
+
+Every array function in tinynet is written once, against an *array module*
+``xp`` that is either :mod:`numpy` or :mod:`cupy`::
+
+    xp = get_array_module(x)      # numpy for a numpy.ndarray, cupy for a cupy.ndarray
+    y = xp.maximum(x, 0)
+
+Nothing else in the package imports CuPy.  The import is guarded: tinynet
+works without CuPy installed, and asking for ``"cuda"`` then raises an error
+that says what is missing and how to install it.
+
+Transfers between host and device are always explicit (:func:`to_device`,
+:func:`to_numpy`).  CuPy refuses to mix ``numpy`` and ``cupy`` arrays in one
+operation by design; tinynet's layers check the device of their input against
+their parameters first, so the error names the layer (:func:`check_same_device`).
+"""
+from __future__ import annotations
+
+import numpy
+
+try:  # CuPy is optional: the GPU backend.
+    import cupy as _cupy
+except Exception as _error:  # ImportError, or a broken CUDA install raising at import.
+    _cupy = None
+    _cupy_import_error: Exception | None = _error
+else:
+    _cupy_import_error = None
+
+__all__ = [
+    "cupy_available",
+    "gpu_available",
+    "get_array_module",
+    "is_cupy_array",
+    "device_of",
+    "to_device",
+    "to_numpy",
+    "check_device",
+    "check_same_device",
+    "synchronize",
+    "normalize_device",
+]
+
+_INSTALL_HINT = (
+    "install CuPy for your CUDA version, e.g. `pip install tinynet[cuda12]` "
+    "(cupy-cuda12x) or `pip install tinynet[cuda13]` (cupy-cuda13x)"
+)
+
+
+def cupy_available() -> bool:
+    """True when CuPy imported."""
+    return _cupy is not None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imported *and* at least one CUDA device answers."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def is_cupy_array(x) -> bool:
+    return _cupy is not None and isinstance(x, _cupy.ndarray)
+
+
+def get_array_module(*arrays):
+    """``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    if _cupy is not None:
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return numpy
+
+
+def device_of(x) -> str:
+    """``"cuda"`` for a CuPy array, ``"cpu"`` for anything else."""
+    return "cuda" if is_cupy_array(x) else "cpu"
+
+
+def normalize_device(device) -> str:
+    """Map user spellings (``"cpu"``, ``"cuda"``, ``"cuda:0"``, ``"gpu"``) to ``"cpu"``/``"cuda"``."""
+    name = str(device).lower()
+    if name == "cpu":
+        return "cpu"
+    if name in ("cuda", "gpu") or name.startswith("cuda:"):
+        return "cuda"
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+
+
+def check_device(device) -> str:
+    """Normalise ``device`` and make sure it can be used; raise a clear error if not."""
+    name = normalize_device(device)
+    if name == "cuda":
+        if _cupy is None:
+            raise RuntimeError(
+                f"device 'cuda' needs CuPy, which could not be imported "
+                f"({type(_cupy_import_error).__name__}: {_cupy_import_error}); {_INSTALL_HINT}"
+            )
+        if not gpu_available():
+            raise RuntimeError(
+                "device 'cuda' was requested and CuPy is installed, but no CUDA GPU was found "
+                "(check `nvidia-smi` and that the CuPy package matches the installed CUDA driver)"
+            )
+    return name
+
+
+def to_device(x, device):
+    """Return ``x`` as an array on ``device`` (a copy only when it has to move)."""
+    name = check_device(device)
+    if name == "cpu":
+        return to_numpy(x)
+    if is_cupy_array(x):
+        return x
+    return _cupy.asarray(x)
+
+
+def to_numpy(x):
+    """Return ``x`` as a NumPy array (copies a CuPy array to the host)."""
+    if is_cupy_array(x):
+        return _cupy.asnumpy(x)
+    return numpy.asarray(x)
+
+
+def synchronize(x=None) -> None:
+    """Wait for the GPU to finish queued work (no-op on the CPU)."""
+    if _cupy is not None and (x is None or is_cupy_array(x)):
+        if gpu_available():
+            _cupy.cuda.get_current_stream().synchronize()
+
+
+def check_same_device(x, reference, where: str) -> None:
+    """Raise a clear error when ``x`` and ``reference`` live on different devices."""
+    if is_cupy_array(x) != is_cupy_array(reference):
+        raise RuntimeError(
+            f"{where}: input is on {device_of(x)} but the layer's parameters are on "
+            f"{device_of(reference)}; move one of them with model.to(...) or "
+            f"tinynet.backend.to_device(...)"
+        )

@@ -1,0 +1,83 @@
+"""ResNet18 in torchvision's layout, so a torchvision state dict loads key for key.
+
+    conv1 7x7/2 (3->64), bn1, relu, maxpool 3x3/2 pad 1
+    layer1: 2 BasicBlocks,  64 planes
+    layer2: 2 BasicBlocks, 128 planes, first with stride 2 and a 1x1 downsample
+    layer3: 2 BasicBlocks, 256 planes, likewise
+    layer4: 2 BasicBlocks, 512 planes, likewise
+    avgpool (global), flatten, fc
+
+``resnet18(num_classes, head="mlp")`` replaces torchvision's ``fc`` (512 ->
+classes) by the assignment's head ``fc = Sequential(Linear(512, 512), ReLU(),
+Linear(512, classes))`` (keys ``fc.0.*`` and ``fc.2.*``); ``head="linear"``
+keeps torchvision's single layer.
+"""
+from __future__ import annotations
+
+from ..nn import (AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU,
+                  Sequential)
+from ..nn.residual import kaiming_init_
+
+__all__ = ["ResNet", "resnet18", "make_head"]
+
+
+def make_head(num_classes: int, head: str = "mlp", in_features: int = 512, hidden: int = 512, rng=None) -> Module:
+    if head == "mlp":
+        return Sequential(Linear(in_features, hidden, rng=rng), ReLU(), Linear(hidden, num_classes, rng=rng))
+    if head == "linear":
+        return Linear(in_features, num_classes, rng=rng)
+    raise ValueError(f"unknown head {head!r}: expected 'mlp' (512 -> 512 -> classes) or 'linear'")
+
+
+class ResNet(Module):
+    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 1000, head: str = "linear", rng=None):
+        super().__init__()
+        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, bias=False, rng=rng)
+        self.bn1 = BatchNorm2d(64)
+        self.relu = ReLU()
+        self.maxpool = MaxPool2d(3, stride=2, padding=1)
+        in_planes = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or in_planes != planes:
+                downsample = Sequential(Conv2d(in_planes, planes, 1, stride=stride, bias=False, rng=rng),
+                                        BatchNorm2d(planes))
+            stage = [BasicBlock(in_planes, planes, stride, downsample, rng=rng)]
+            stage += [BasicBlock(planes, planes, rng=rng) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", Sequential(*stage))
+            in_planes = planes
+        self.avgpool = AdaptiveAvgPool2d(1)
+        self.flatten = Flatten()
+        kaiming_init_(self, rng)
+        # The head keeps PyTorch's default Linear initialisation, as torchvision does.
+        self.fc = make_head(num_classes, head, 512, rng=rng)
+        self.num_classes = num_classes
+
+    def _stages(self):
+        return [self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3, self.layer4,
+                self.avgpool, self.flatten, self.fc]
+
+    def features(self, x):
+        """The pooled 512-d features (N, 512), i.e. the input of ``fc``."""
+        for layer in self._stages()[:-1]:
+            x = layer(x)
+        return x
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+    def backward(self, dout):
+        for layer in reversed(self._stages()):
+            dout = layer.backward(dout)
+        return dout
+
+    def set_input_grad(self, flag: bool) -> "ResNet":
+        object.__setattr__(self, "input_grad", bool(flag))
+        self.conv1.set_input_grad(flag)
+        return self
+
+
+def resnet18(num_classes: int = 1000, head: str = "mlp", rng=None) -> ResNet:
+    """ResNet18 with torchvision's parameter names and the assignment's MLP head by default."""
+    return ResNet((2, 2, 2, 2), num_classes, head, rng=rng)

@@ -1,0 +1,71 @@
+"""Fully connected layer.
+
+Notation: ``x`` (N, F_in), ``W`` (F_out, F_in) as in PyTorch, ``b`` (F_out,)::
+
+    y = x @ W.T + b                      (N, F_out)
+
+Backward, with ``dy = dL/dy`` (N, F_out)::
+
+    dW = dy.T @ x                        (F_out, F_in)
+    db = dy.sum(axis=0)                  (F_out,)
+    dx = dy @ W                          (N, F_in)
+
+Leading axes beyond the first are allowed (``(*, F_in)``), as in PyTorch; they
+are flattened into N for the products.
+"""
+from __future__ import annotations
+
+from .init import uniform_fan_in
+from .module import Module, Parameter
+from .validation import check_input
+
+__all__ = ["linear_forward", "linear_backward", "Linear"]
+
+
+def linear_forward(x, w, b):
+    """``y = x @ W.T + b`` for ``x`` (N, F_in); returns ``(y, cache)``."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y, (x, w, b is not None)
+
+
+def linear_backward(dy, cache, need_dx: bool = True):
+    """Returns ``(dx, dW, db)``; ``dx`` is None when ``need_dx`` is False, ``db`` when there is no bias."""
+    x, w, has_bias = cache
+    dw = dy.T @ x
+    db = dy.sum(axis=0) if has_bias else None
+    dx = dy @ w if need_dx else None
+    return dx, dw, db
+
+
+class Linear(Module):
+    """``Linear(in_features, out_features, bias=True)``: (*, F_in) -> (*, F_out)."""
+
+    def __init__(self, in_features, out_features, bias=True, rng=None, dtype="float32"):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if self.in_features <= 0 or self.out_features <= 0:
+            raise ValueError(f"Linear: feature counts must be positive, got {in_features} -> {out_features}")
+        self.weight = Parameter(uniform_fan_in((self.out_features, self.in_features), self.in_features, rng, dtype))
+        self.bias = Parameter(uniform_fan_in((self.out_features,), self.in_features, rng, dtype)) if bias else None
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        check_input(self, x, f"(N, {self.in_features})", tuple(range(1, 9)), self.in_features, channel_axis=-1)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        b = self.bias.data if self.bias is not None else None
+        y, cache = linear_forward(x2, self.weight.data, b)
+        self._save_for_backward(cache, lead)
+        return y.reshape(lead + (self.out_features,))
+
+    def backward(self, dout):
+        cache, lead = self._saved_for_backward()
+        dx, dw, db = linear_backward(dout.reshape(-1, self.out_features), cache, need_dx=self.input_grad)
+        self.weight.accumulate_grad(dw)
+        if db is not None:
+            self.bias.accumulate_grad(db)
+        return None if dx is None else dx.reshape(lead + (self.in_features,))

@@ -1,0 +1,459 @@
+"""Module, Parameter and the containers every layer builds on.
+
+There is no autograd.  A layer is an object with two methods:
+
+* ``forward(x) -> y`` computes the output and, while gradients are enabled,
+  keeps in ``self`` exactly what its backward will need (its *cache*);
+* ``backward(dy) -> dx`` receives ``dL/dy``, adds ``dL/dW`` into each
+  parameter's ``.grad`` and returns ``dL/dx``.
+
+A network runs its layers' forwards in order and their backwards in reverse
+order (the chain rule, written out by hand).  ``backward`` consumes the cache,
+so memory held for the backward pass is released as the pass proceeds.
+
+``backward`` never writes into its ``dy`` argument: a gradient that fans out
+(the two branches of a residual block) is read by several layers.
+
+State-dict keys follow PyTorch's names (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``, nested as
+``layer1.0.conv1.weight``), so weights move between the two without a mapping.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from .. import backend
+
+__all__ = [
+    "Parameter",
+    "Module",
+    "Sequential",
+    "Identity",
+    "no_grad",
+    "enable_grad",
+    "is_grad_enabled",
+    "LoadResult",
+    "StateDictError",
+]
+
+# ---------------------------------------------------------------------------
+# Gradient mode
+# ---------------------------------------------------------------------------
+_mode = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """Whether forwards keep what their backward needs (thread-local, default True)."""
+    return getattr(_mode, "enabled", True)
+
+
+class _GradMode:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.previous = is_grad_enabled()
+        _mode.enabled = self.enabled
+
+    def __exit__(self, *exc):
+        _mode.enabled = self.previous
+        return False
+
+
+def no_grad() -> _GradMode:
+    """Context manager: forwards inside keep no cache (evaluation, inference)."""
+    return _GradMode(False)
+
+
+def enable_grad() -> _GradMode:
+    return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# Parameter
+# ---------------------------------------------------------------------------
+class Parameter:
+    """A trainable array ``data`` and its gradient ``grad`` (None until a backward)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    def accumulate_grad(self, g) -> None:
+        """``grad += g`` (gradients from several backwards add up, as in PyTorch)."""
+        if self.grad is None:
+            self.grad = g
+        else:
+            self.grad += g
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype}, device={backend.device_of(self.data)})"
+
+
+class LoadResult(NamedTuple):
+    """What ``load_state_dict`` did not load."""
+
+    missing_keys: list
+    unexpected_keys: list
+    mismatched_keys: list  # (key, expected shape, received shape)
+
+
+class StateDictError(KeyError):
+    """A state dict that does not fit the module (``strict=True``)."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+# ---------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------
+class Module:
+    """Base class of every layer and model.
+
+    Sub-classes assign ``Parameter``s and sub-``Module``s as attributes; they
+    are registered automatically, in assignment order.  Non-trainable state
+    saved in the state dict (BatchNorm's running statistics) is registered
+    with :meth:`register_buffer`.
+    """
+
+    #: Layers that can skip computing dL/dx (Conv2d, Linear) honour this flag;
+    #: see :meth:`set_input_grad`.
+    input_grad = True
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_path", "")
+        object.__setattr__(self, "training", True)
+
+    # -- registration -------------------------------------------------------
+    def __setattr__(self, name, value):
+        params, buffers, modules = self._parameters, self._buffers, self._modules
+        if isinstance(value, Parameter):
+            buffers.pop(name, None)
+            modules.pop(name, None)
+            params[name] = value
+        elif isinstance(value, Module):
+            params.pop(name, None)
+            buffers.pop(name, None)
+            modules[name] = value
+            value._set_path(f"{self._path}.{name}" if self._path else name)
+        elif name in buffers:
+            buffers[name] = value
+        elif name in params or name in modules:
+            if value is not None:
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} to {name!r} of {self._describe()}: "
+                    f"expected a Parameter or Module (or None)"
+                )
+            params.pop(name, None)
+            modules.pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value) -> None:
+        """Register non-trainable state that belongs in the state dict."""
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def _set_path(self, path: str) -> None:
+        object.__setattr__(self, "_path", path)
+        for name, child in self._modules.items():
+            child._set_path(f"{path}.{name}")
+
+    def _describe(self) -> str:
+        """``Conv2d 'layer1.0.conv1'`` for error messages."""
+        cls = type(self).__name__
+        return f"{cls} '{self._path}'" if self._path else cls
+
+    # -- running --------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} has no forward()")
+
+    def backward(self, dout):
+        raise NotImplementedError(f"{type(self).__name__} has no backward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _save_for_backward(self, *values) -> None:
+        """Keep what backward needs, unless gradients are disabled."""
+        object.__setattr__(self, "_cache", values if is_grad_enabled() else None)
+
+    def _saved_for_backward(self):
+        """Hand the cache to backward exactly once, with a clear error if there is none."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError(
+                f"{self._describe()}: backward() called before forward(), or twice for one "
+                f"forward, or after a forward run under tinynet.no_grad()"
+            )
+        object.__setattr__(self, "_cache", None)
+        return cache
+
+    def set_input_grad(self, flag: bool) -> "Module":
+        """Say whether backward must return dL/d(input).
+
+        Training a classifier never needs the gradient with respect to the
+        images; ``model.set_input_grad(False)`` lets the first layer skip that
+        work (for the ResNet stem, a col2im of 38 MB per step) and makes
+        ``model.backward`` return None.  Containers pass the flag to the layer
+        that first touches their input.
+        """
+        object.__setattr__(self, "input_grad", bool(flag))
+        return self
+
+    # -- traversal ----------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple]:
+        yield from self._modules.items()
+
+    def children(self):
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True):
+        for name, p in self._parameters.items():
+            yield (f"{prefix}.{name}" if prefix else name), p
+        if recurse:
+            for cname, child in self._modules.items():
+                yield from child.named_parameters(f"{prefix}.{cname}" if prefix else cname)
+
+    def parameters(self, recurse: bool = True):
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True):
+        for name, b in self._buffers.items():
+            yield (f"{prefix}.{name}" if prefix else name), b
+        if recurse:
+            for cname, child in self._modules.items():
+                yield from child.named_buffers(f"{prefix}.{cname}" if prefix else cname)
+
+    def buffers(self, recurse: bool = True):
+        for _, b in self.named_buffers(recurse=recurse):
+            yield b
+
+    # -- modes ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # -- devices and dtypes -----------------------------------------------------------
+    def to(self, device=None, dtype=None) -> "Module":
+        """Move every parameter, gradient and buffer to ``device`` and/or cast floats to ``dtype``."""
+        if device is not None:
+            device = backend.check_device(device)
+
+        def convert(a):
+            if a is None:
+                return None
+            if device is not None:
+                a = backend.to_device(a, device)
+            if dtype is not None and np.issubdtype(a.dtype, np.floating):
+                a = a.astype(dtype, copy=False)
+            return a
+
+        for m in self.modules():
+            for p in m._parameters.values():
+                p.data = convert(p.data)
+                p.grad = convert(p.grad)
+            for name, b in list(m._buffers.items()):
+                setattr(m, name, convert(b))
+        return self
+
+    def double(self) -> "Module":
+        return self.to(dtype=np.float64)
+
+    def float(self) -> "Module":
+        return self.to(dtype=np.float32)
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda"``: where the first parameter (or buffer) lives."""
+        for a in (p.data for p in self.parameters()):
+            return backend.device_of(a)
+        for b in self.buffers():
+            return backend.device_of(b)
+        return "cpu"
+
+    def _check_device(self, x, reference) -> None:
+        backend.check_same_device(x, reference, self._describe())
+
+    # -- state dicts --------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, object]":
+        """Parameters then buffers, module by module, with PyTorch's key names.
+
+        The values are the module's own arrays (not copies); convert with
+        ``tinynet.backend.to_numpy`` before saving from the GPU.
+        """
+        out = OrderedDict()
+        for prefix, m in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name, p in m._parameters.items():
+                out[dot + name] = p.data
+            for name, b in m._buffers.items():
+                out[dot + name] = b
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> LoadResult:
+        """Copy arrays from ``state_dict`` into this module.
+
+        Every problem is collected before anything is raised: with
+        ``strict=True`` a dict with missing, unexpected or mis-shaped keys
+        raises :class:`StateDictError` listing all of them and loads nothing;
+        with ``strict=False`` whatever fits is loaded and the rest is returned.
+        Values may be NumPy or CuPy arrays (or anything ``np.asarray``
+        accepts); each is converted to the device and dtype of the array it
+        replaces.
+        """
+        targets = {}  # key -> (module, name, kind)
+        for prefix, m in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name in m._parameters:
+                targets[dot + name] = (m, name, "param")
+            for name in m._buffers:
+                targets[dot + name] = (m, name, "buffer")
+
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in targets]
+        mismatched, fits = [], []
+        for key, (m, name, kind) in targets.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            current = m._parameters[name].data if kind == "param" else m._buffers[name]
+            shape = tuple(getattr(value, "shape", np.shape(value)))
+            if shape != tuple(current.shape):
+                mismatched.append((key, tuple(current.shape), shape))
+            else:
+                fits.append((key, m, name, kind, value, current))
+
+        if strict and (missing or unexpected or mismatched):
+            lines = [f"load_state_dict into {type(self).__name__} failed:"]
+            if missing:
+                lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+            if unexpected:
+                lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            for key, want, got in mismatched:
+                lines.append(f"  shape mismatch for {key}: expected {want}, received {got}")
+            lines.append("  (pass strict=False to load the keys that fit)")
+            raise StateDictError("\n".join(lines))
+
+        for key, m, name, kind, value, current in fits:
+            xp = backend.get_array_module(current)
+            if backend.is_cupy_array(current):
+                new = xp.asarray(value, dtype=current.dtype)
+            else:
+                new = np.array(backend.to_numpy(value), dtype=current.dtype, copy=True)
+            if kind == "param":
+                m._parameters[name].data = new
+            else:
+                setattr(m, name, new)
+        return LoadResult(missing, unexpected, mismatched)
+
+    # -- printing ---------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        if self._modules:
+            for name, child in self._modules.items():
+                child_repr = repr(child).replace("\n", "\n  ")
+                lines.append(f"  ({name}): {child_repr}")
+            return "\n".join(lines) + "\n)"
+        return lines[0] + ")"
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Module")
+            setattr(self, str(i), layer)
+
+    def append(self, layer: Module) -> "Sequential":
+        setattr(self, str(len(self._modules)), layer)
+        return self
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        layers = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*layers[index])
+        return layers[index]
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self._modules.values()):
+            dout = layer.backward(dout)
+        return dout
+
+    def set_input_grad(self, flag: bool) -> "Sequential":
+        object.__setattr__(self, "input_grad", bool(flag))
+        layers = list(self._modules.values())
+        if layers:
+            layers[0].set_input_grad(flag)
+        return self
+
+
+class Identity(Module):
+    """y = x."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dout):
+        return dout

@@ -1,0 +1,197 @@
+"""Batch normalisation.
+
+Every channel ``c`` is normalised with statistics over all of its ``M``
+values: M = N for BatchNorm1d on (N, C), N*L on (N, C, L), and N*H*W for
+BatchNorm2d on (N, C, H, W) (per-channel statistics over N, H and W, never per
+pixel).  The kernels below work on the ``(C, M)`` channel matrix of the input
+(:func:`tinynet.nn.layout.channel_matrix`), one row per channel.
+
+Training forward, per channel::
+
+    mu    = (1/M) sum_m x_m
+    var   = (1/M) sum_m (x_m - mu)^2            (biased: what normalises the batch)
+    xhat  = (x - mu) / sqrt(var + eps)
+    y     = gamma * xhat + beta
+
+Running statistics, as PyTorch updates them (``momentum`` m, default 0.1)::
+
+    running_mean <- (1 - m) running_mean + m mu
+    running_var  <- (1 - m) running_var  + m var * M / (M - 1)    (unbiased)
+
+(``momentum=None`` gives the cumulative average, factor 1/num_batches_tracked.)
+Evaluation uses them: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+
+Training backward (derived in docs/derivations.md), with ``dy = dL/dy``::
+
+    dbeta  = sum_m dy_m
+    dgamma = sum_m dy_m xhat_m
+    dx     = gamma / (M sqrt(var + eps)) * (M dy - dbeta - xhat * dgamma)
+
+Every sample's output depends on every other sample of the channel through
+mu and var; the last two terms are those paths.  In evaluation mode the
+statistics are constants and ``dx = dy * gamma / sqrt(running_var + eps)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from .layout import channel_matrix, from_channel_matrix
+from .module import Module, Parameter
+from .validation import check_input
+
+__all__ = [
+    "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward_train",
+    "batch_norm_backward_eval", "BatchNorm1d", "BatchNorm2d",
+]
+
+
+def batch_norm_forward_train(x2, gamma, beta, eps):
+    """Normalise each row of ``x2`` (C, M) with its own mean and variance.
+
+    Returns ``(y2, mean, var, cache)``; ``var`` is the biased batch variance.
+    """
+    xp = backend.get_array_module(x2)
+    m = x2.shape[1]
+    mean = x2.mean(axis=1)
+    xhat = x2 - mean[:, None]  # centred; becomes xhat in place below
+    var = xp.einsum("cm,cm->c", xhat, xhat) / m
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat *= inv_std[:, None]
+    y2 = xhat * gamma[:, None]
+    y2 += beta[:, None]
+    return y2, mean, var, (xhat, gamma, inv_std)
+
+
+def batch_norm_backward_train(dy2, cache):
+    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_train`; ``dy2`` (C, M) is not modified."""
+    xp = backend.get_array_module(dy2)
+    xhat, gamma, inv_std = cache
+    m = dy2.shape[1]
+    dbeta = dy2.sum(axis=1)
+    dgamma = xp.einsum("cm,cm->c", dy2, xhat)
+    # dx = k * (dy - dbeta/M - xhat * dgamma/M), with k = gamma / sqrt(var + eps)
+    k = gamma * inv_std
+    dx2 = xhat * (-k * dgamma / m)[:, None]
+    dx2 += (-k * dbeta / m)[:, None]
+    dx2 += dy2 * k[:, None]
+    return dx2, dgamma, dbeta
+
+
+def batch_norm_forward_eval(x2, gamma, beta, running_mean, running_var, eps):
+    """``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, as one scale and shift."""
+    xp = backend.get_array_module(x2)
+    inv_std = 1.0 / xp.sqrt(running_var + eps)
+    scale = (gamma * inv_std).astype(x2.dtype, copy=False)
+    shift = (beta - running_mean * gamma * inv_std).astype(x2.dtype, copy=False)
+    y2 = x2 * scale[:, None]
+    y2 += shift[:, None]
+    return y2, (x2, running_mean, inv_std, scale)
+
+
+def batch_norm_backward_eval(dy2, cache):
+    x2, running_mean, inv_std, scale = cache
+    xp = backend.get_array_module(dy2)
+    dbeta = dy2.sum(axis=1)
+    # dgamma = sum dy * xhat with xhat = (x - running_mean) * inv_std
+    dgamma = (xp.einsum("cm,cm->c", dy2, x2) - running_mean * dbeta) * inv_std
+    dx2 = dy2 * scale[:, None]
+    return dx2, dgamma.astype(dy2.dtype, copy=False), dbeta
+
+
+class _BatchNorm(Module):
+    _ranks: tuple = ()
+    _expected = ""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype="float32"):
+        super().__init__()
+        self.num_features = int(num_features)
+        if self.num_features <= 0:
+            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
+        if eps <= 0:
+            raise ValueError(f"{type(self).__name__}: eps must be positive, got {eps}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum}")
+        self.eps, self.momentum = float(eps), momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        c = self.num_features
+        # Without affine, gamma = 1 and beta = 0 are fixed constants, not parameters.
+        self.weight = Parameter(np.ones(c, dtype=dtype)) if affine else None
+        self.bias = Parameter(np.zeros(c, dtype=dtype)) if affine else None
+        if not affine:
+            object.__setattr__(self, "_gamma", np.ones(c, dtype=dtype))
+            object.__setattr__(self, "_beta", np.zeros(c, dtype=dtype))
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(c, dtype=dtype))
+            self.register_buffer("running_var", np.ones(c, dtype=dtype))
+            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+    def _affine_params(self, x):
+        if self.affine:
+            return self.weight.data, self.bias.data
+        xp = backend.get_array_module(x)
+        return xp.asarray(self._gamma, dtype=x.dtype), xp.asarray(self._beta, dtype=x.dtype)
+
+    def _update_running_stats(self, mean, var, m):
+        self.num_batches_tracked += 1
+        if self.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        unbiased = var * (m / (m - 1)) if m > 1 else var
+        dtype = self.running_mean.dtype
+        self.running_mean *= 1.0 - factor
+        self.running_mean += (factor * mean).astype(dtype, copy=False)
+        self.running_var *= 1.0 - factor
+        self.running_var += (factor * unbiased).astype(dtype, copy=False)
+
+    def forward(self, x):
+        check_input(self, x, self._expected.format(c=self.num_features), self._ranks, self.num_features)
+        x2 = channel_matrix(x)  # (C, M)
+        gamma, beta = self._affine_params(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            m = x2.shape[1]
+            if self.training and m <= 1:
+                raise ValueError(
+                    f"{self._describe()}: training needs more than one value per channel to compute a "
+                    f"variance, got input of shape {tuple(x.shape)}"
+                )
+            y2, mean, var, cache = batch_norm_forward_train(x2, gamma, beta, self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(mean, var, m)
+            self._save_for_backward("train", cache)
+        else:
+            y2, cache = batch_norm_forward_eval(x2, gamma, beta, self.running_mean, self.running_var, self.eps)
+            self._save_for_backward("eval", cache)
+        return from_channel_matrix(y2, x.shape)
+
+    def backward(self, dout):
+        mode, cache = self._saved_for_backward()
+        dy2 = channel_matrix(dout)
+        if mode == "train":
+            dx2, dgamma, dbeta = batch_norm_backward_train(dy2, cache)
+        else:
+            dx2, dgamma, dbeta = batch_norm_backward_eval(dy2, cache)
+        if self.affine:
+            self.weight.accumulate_grad(dgamma)
+            self.bias.accumulate_grad(dbeta)
+        return from_channel_matrix(dx2, dout.shape)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input; statistics per feature over N (and L)."""
+
+    _ranks = (2, 3)
+    _expected = "(N, {c}) or (N, {c}, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input; statistics per channel over N, H and W."""
+
+    _ranks = (4,)
+    _expected = "(N, {c}, H, W)"

@@ -1,0 +1,75 @@
+"""The residual block of ResNet18/34 (torchvision's ``BasicBlock``).
+
+    out = relu( bn2(conv2( relu(bn1(conv1(x))) )) + shortcut(x) )
+
+with ``shortcut = downsample`` (a 1x1 strided conv and a BatchNorm) when the
+block changes resolution or width, and the identity otherwise.
+
+Backward: the sum splits the incoming gradient ``g = dL/d(pre-ReLU sum)`` into
+both branches unchanged, and ``x`` fans out into both, so their gradients add::
+
+    dx = d(main branch)/dx^T g + d(shortcut)/dx^T g
+
+This is why no backward may modify its ``dout`` argument: both branches read
+the same ``g``.
+"""
+from __future__ import annotations
+
+from .activation import ReLU
+from .conv import Conv2d
+from .init import kaiming_normal_fan_out
+from .module import Module
+from .norm import BatchNorm2d
+
+__all__ = ["BasicBlock"]
+
+
+class BasicBlock(Module):
+    """``BasicBlock(in_planes, planes, stride=1, downsample=None)``; parameter names as torchvision's."""
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, downsample=None, rng=None, dtype="float32"):
+        super().__init__()
+        self.conv1 = Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False, rng=rng, dtype=dtype)
+        self.bn1 = BatchNorm2d(planes, dtype=dtype)
+        self.conv2 = Conv2d(planes, planes, 3, stride=1, padding=1, bias=False, rng=rng, dtype=dtype)
+        self.bn2 = BatchNorm2d(planes, dtype=dtype)
+        # torchvision uses one ReLU module twice; each of ours keeps its own output for backward.
+        self.relu1 = ReLU()
+        self.relu2 = ReLU()
+        self.downsample = downsample
+        if downsample is None and (stride != 1 or in_planes != planes):
+            raise ValueError(
+                f"BasicBlock({in_planes}, {planes}, stride={stride}) changes the shape of its input, so it "
+                f"needs a downsample module (e.g. Sequential(Conv2d({in_planes}, {planes}, 1, stride={stride}, "
+                f"bias=False), BatchNorm2d({planes})))"
+            )
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out = out + identity
+        return self.relu2(out)
+
+    def backward(self, dout):
+        g = self.relu2.backward(dout)  # gradient of the sum, shared by both branches
+        dx = self.conv1.backward(self.bn1.backward(self.relu1.backward(self.conv2.backward(self.bn2.backward(g)))))
+        if self.downsample is None:
+            dx = dx + g
+        else:
+            dx = dx + self.downsample.backward(g)
+        return dx
+
+
+def kaiming_init_(module: Module, rng=None) -> Module:
+    """torchvision's ResNet initialisation: He-normal (fan-out) convs, BatchNorm gamma 1 and beta 0."""
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            m.weight.data = kaiming_normal_fan_out(m.weight.shape, rng, m.weight.dtype)
+        elif isinstance(m, BatchNorm2d) and m.affine:
+            m.weight.data[...] = 1
+            m.bias.data[...] = 0
+    return module

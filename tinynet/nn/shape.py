@@ -1,0 +1,36 @@
+"""Flatten: a reshape, whose gradient is the reverse reshape."""
+from __future__ import annotations
+
+from .module import Module
+
+__all__ = ["Flatten"]
+
+
+class Flatten(Module):
+    """``Flatten(start_dim=1, end_dim=-1)``: (N, C, H, W) -> (N, C*H*W) in NCHW order, as PyTorch."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+    def forward(self, x):
+        nd = x.ndim
+        start = self.start_dim % nd
+        end = self.end_dim % nd
+        if start > end:
+            raise ValueError(
+                f"{self._describe()}: start_dim {self.start_dim} comes after end_dim {self.end_dim} "
+                f"for input of shape {tuple(x.shape)}"
+            )
+        size = 1
+        for s in x.shape[start:end + 1]:
+            size *= s
+        self._save_for_backward(x.shape)
+        return x.reshape(x.shape[:start] + (size,) + x.shape[end + 1:])
+
+    def backward(self, dout):
+        (shape,) = self._saved_for_backward()
+        return dout.reshape(shape)

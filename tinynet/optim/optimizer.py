@@ -1,0 +1,149 @@
+"""Optimizer base class: parameter groups, per-parameter state, state dicts.
+
+As in PyTorch, an optimizer takes an iterable of :class:`~tinynet.nn.Parameter`
+(or of dicts ``{"params": [...], "lr": ...}`` for groups with their own
+settings).  ``step()`` updates every parameter whose ``.grad`` is set;
+``zero_grad()`` clears the gradients.  Learning-rate schedules change
+``group["lr"]``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..nn.module import Parameter
+
+__all__ = ["Optimizer"]
+
+
+def _check_number(owner: str, name: str, value, low=0.0, high=None, high_open=False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < low or (high is not None and (value >= high if high_open else value > high)):
+        bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
+        raise ValueError(f"{owner}: {name} must be a finite number {bound}, got {value}")
+    return value
+
+
+class Optimizer:
+    defaults: dict = {}
+
+    def __init__(self, params, defaults: dict):
+        name = type(self).__name__
+        if isinstance(params, Parameter):
+            raise TypeError(f"{name}: params must be an iterable of Parameters (e.g. model.parameters()), "
+                            f"got a single Parameter")
+        groups = list(params)
+        if not groups:
+            raise ValueError(f"{name}: got an empty parameter list; pass model.parameters() of a model "
+                             f"that has parameters")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.defaults = dict(defaults)
+        self.param_groups = []
+        seen = set()
+        for i, group in enumerate(groups):
+            group = dict(group)
+            params_i = list(group["params"])
+            for p in params_i:
+                if not isinstance(p, Parameter):
+                    raise TypeError(f"{name}: group {i} holds a {type(p).__name__}, expected Parameters")
+                if id(p) in seen:
+                    raise ValueError(f"{name}: a parameter appears in more than one group")
+                seen.add(id(p))
+            group["params"] = params_i
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._validate_group(group)
+            self.param_groups.append(group)
+        if not seen:
+            raise ValueError(f"{name}: got an empty parameter list")
+        self.state = {}  # id(param) -> dict
+
+    def _validate_group(self, group: dict) -> None:
+        name = type(self).__name__
+        group["lr"] = _check_number(name, "lr", group["lr"])
+        group["weight_decay"] = _check_number(name, "weight_decay", group.get("weight_decay", 0.0))
+
+    def _params(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    def zero_grad(self) -> None:
+        for _, p in self._params():
+            p.grad = None
+
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if backend.is_cupy_array(p.grad) != backend.is_cupy_array(p.data):
+                    raise RuntimeError(f"{type(self).__name__}: a parameter's gradient is on "
+                                       f"{backend.device_of(p.grad)} but the parameter on {backend.device_of(p.data)}")
+                self._update(p, group, self.state.setdefault(id(p), {}))
+
+    def _update(self, p, group, state) -> None:
+        raise NotImplementedError
+
+    # -- state dicts ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"state": {index: {...}}, "param_groups": [...]}`` with parameters as indices, as PyTorch."""
+        index = {}
+        groups = []
+        for group in self.param_groups:
+            g = {k: v for k, v in group.items() if k != "params"}
+            g["params"] = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                g["params"].append(index[id(p)])
+            groups.append(g)
+        state = {}
+        for _, p in self._params():
+            if id(p) in self.state:
+                state[index[id(p)]] = dict(self.state[id(p)])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        name = type(self).__name__
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"{name}.load_state_dict: expected {len(self.param_groups)} parameter group(s), "
+                             f"got {len(groups) if isinstance(groups, list) else type(groups).__name__}")
+        params = []
+        for mine, theirs in zip(self.param_groups, groups):
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"{name}.load_state_dict: a group has {len(theirs['params'])} parameters in the "
+                                 f"saved state but {len(mine['params'])} here")
+            params.extend(zip(theirs["params"], mine["params"]))
+        new_state = {}
+        saved = state_dict.get("state", {})
+        for idx, p in params:
+            entry = saved.get(idx, saved.get(str(idx)))
+            if entry is None:
+                continue
+            converted = {}
+            for key, value in entry.items():
+                if hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise ValueError(f"{name}.load_state_dict: state '{key}' of parameter {idx} has shape "
+                                         f"{tuple(value.shape)}, expected {tuple(p.shape)}")
+                    xp = backend.get_array_module(p.data)
+                    value = xp.array(backend.to_numpy(value) if xp is np else value, dtype=p.dtype)
+                converted[key] = value
+            new_state[id(p)] = converted
+        for mine, theirs in zip(self.param_groups, groups):
+            for key, value in theirs.items():
+                if key != "params":
+                    mine[key] = value
+            self._validate_group(mine)
+        self.state = new_state
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v}" for k, v in self.param_groups[0].items() if k != "params")
+        return f"{type(self).__name__}({settings})"
