@@ -26,22 +26,22 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes=1000, head="mlp"):
+    def __init__(self, num_classes=1000, head="mlp", width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        in_planes = 64
-        for i, planes in enumerate((64, 128, 256, 512)):
+        in_planes = width
+        for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2
             setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes)))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         if head == "mlp":
-            self.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, num_classes))
+            self.fc = nn.Sequential(nn.Linear(in_planes, in_planes), nn.ReLU(), nn.Linear(in_planes, num_classes))
         else:
-            self.fc = nn.Linear(512, num_classes)
+            self.fc = nn.Linear(in_planes, num_classes)
 
     def features(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -52,8 +52,8 @@ class ResNet18(nn.Module):
         return self.fc(self.features(x))
 
 
-def torch_resnet18(num_classes=1000, head="mlp"):
-    return ResNet18(num_classes, head)
+def torch_resnet18(num_classes=1000, head="mlp", width=64):
+    return ResNet18(num_classes, head, width)
 
 
 def torch_cnn(num_classes=10):

@@ -11,6 +11,11 @@
 classes) by the assignment's head ``fc = Sequential(Linear(512, 512), ReLU(),
 Linear(512, classes))`` (keys ``fc.0.*`` and ``fc.2.*``); ``head="linear"``
 keeps torchvision's single layer.
+
+``width`` (default 64) scales every stage's channel count (64, 128, 256, 512
+become width, 2*width, 4*width, 8*width) without changing any key name; small
+widths make test fixtures of the exact torchvision layout that fit in a few
+hundred kilobytes.
 """
 from __future__ import annotations
 
@@ -30,14 +35,17 @@ def make_head(num_classes: int, head: str = "mlp", in_features: int = 512, hidde
 
 
 class ResNet(Module):
-    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 1000, head: str = "linear", rng=None):
+    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 1000, head: str = "linear", width: int = 64,
+                 rng=None):
         super().__init__()
-        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, bias=False, rng=rng)
-        self.bn1 = BatchNorm2d(64)
+        if int(num_classes) < 1:
+            raise ValueError(f"ResNet: num_classes must be positive, got {num_classes}")
+        self.conv1 = Conv2d(3, width, 7, stride=2, padding=3, bias=False, rng=rng)
+        self.bn1 = BatchNorm2d(width)
         self.relu = ReLU()
         self.maxpool = MaxPool2d(3, stride=2, padding=1)
-        in_planes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        in_planes = width
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stride = 1 if i == 0 else 2
             downsample = None
             if stride != 1 or in_planes != planes:
@@ -51,7 +59,8 @@ class ResNet(Module):
         self.flatten = Flatten()
         kaiming_init_(self, rng)
         # The head keeps PyTorch's default Linear initialisation, as torchvision does.
-        self.fc = make_head(num_classes, head, 512, rng=rng)
+        self.num_features = in_planes  # 512 for the standard width
+        self.fc = make_head(num_classes, head, in_features=in_planes, hidden=in_planes, rng=rng)
         self.num_classes = num_classes
 
     def _stages(self):
@@ -59,7 +68,7 @@ class ResNet(Module):
                 self.avgpool, self.flatten, self.fc]
 
     def features(self, x):
-        """The pooled 512-d features (N, 512), i.e. the input of ``fc``."""
+        """The pooled features (N, 512), i.e. the input of ``fc``."""
         for layer in self._stages()[:-1]:
             x = layer(x)
         return x
@@ -78,6 +87,6 @@ class ResNet(Module):
         return self
 
 
-def resnet18(num_classes: int = 1000, head: str = "mlp", rng=None) -> ResNet:
+def resnet18(num_classes: int = 1000, head: str = "mlp", width: int = 64, rng=None) -> ResNet:
     """ResNet18 with torchvision's parameter names and the assignment's MLP head by default."""
-    return ResNet((2, 2, 2, 2), num_classes, head, rng=rng)
+    return ResNet((2, 2, 2, 2), num_classes, head, width=width, rng=rng)
