@@ -17,6 +17,9 @@ their parameters first, so the error names the layer (:func:`check_same_device`)
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy
 
 try:  # CuPy is optional: the GPU backend.
@@ -39,6 +42,7 @@ __all__ = [
     "check_same_device",
     "synchronize",
     "normalize_device",
+    "scratch",
 ]
 
 _INSTALL_HINT = (
@@ -139,3 +143,31 @@ def check_same_device(x, reference, where: str) -> None:
             f"{device_of(reference)}; move one of them with model.to(...) or "
             f"tinynet.backend.to_device(...)"
         )
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape, dtype, like):
+    """A reusable host buffer of ``shape`` for intermediate results that never leave a function.
+
+    Allocating a fresh 30-40 MB array per call costs page faults on every
+    first touch (on these machines, more than the copy that fills it); a
+    buffer kept per (name, dtype) and thread is faulted in once.  The contents
+    are undefined, and the buffer is handed out again on the next call with
+    the same name, so callers must not return it or keep it.  On the GPU,
+    CuPy's memory pool already recycles allocations, so a fresh array is
+    returned.
+    """
+    xp = get_array_module(like)
+    if xp is not numpy:
+        return xp.empty(shape, dtype=dtype)
+    size = math.prod(shape)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (name, numpy.dtype(dtype).str)
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buf = buffers[key] = numpy.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)

@@ -24,9 +24,12 @@ def relu_forward(x):
 
 
 def relu_backward(dy, y):
-    """``dx = dy * [y > 0]``, a new array (``dy`` is left untouched)."""
-    xp = backend.get_array_module(dy)
-    return xp.where(y > 0, dy, 0).astype(dy.dtype, copy=False)
+    """``dx = dy * [y > 0]``, a new array (``dy`` is left untouched).
+
+    Multiplying by the boolean mask is several times faster in NumPy than
+    ``where(y > 0, dy, 0)``; the mask converts exactly to 0.0 and 1.0.
+    """
+    return dy * (y > 0)
 
 
 class ReLU(Module):

@@ -29,26 +29,31 @@ Backward.  With ``dout2d`` the (C_out, M) matrix of dL/d(out)::
     dcol = W2d.T @ dout2d                  (K, M)
     dx   = col2im(dcol)                    each column added back where it was read
 
-``col`` is laid out ``(C, KH, KW, N, OH, OW)``: rows in the order of the
+``col`` is laid out ``(C, KH, KW, OH, OW, N)``: rows in the order of the
 weight's ``(C, KH, KW)`` axes (so ``W2d`` is a plain reshape of PyTorch's
-``(C_out, C, KH, KW)`` weight) and columns channels-first, which makes the GEMM
-result come out as a ``(C_out, N, OH, OW)`` buffer; see :mod:`tinynet.nn.layout`
+``(C_out, C, KH, KW)`` weight) and columns in (OH, OW, N) order, which makes
+the GEMM result a ``(C_out, OH, OW, N)`` buffer; see :mod:`tinynet.nn.layout`
 for why the layer returns it as an NCHW view instead of copying.
 
-im2col and col2im loop over the KH*KW kernel offsets and copy one strided slice
-of the whole batch each time (as in "Deep Learning from Scratch"), which is
-much faster than fancy indexing or ``np.add.at``.  The slow, obviously correct
-loop version lives in :mod:`tinynet.nn.reference` and is the tests' oracle.
+im2col and col2im loop over the KH*KW kernel offsets and copy one strided
+slice of the whole batch each time (as in "Deep Learning from Scratch"),
+which is much faster than fancy indexing or ``np.add.at``.  They never build
+a padded copy of the input: for kernel offset (i, j) only the output positions
+whose input pixel lies inside the image are copied (:func:`kernel_offsets`),
+and the rest of ``col`` is set to zero, which is what zero padding means.
+The slow, obviously correct loop version lives in :mod:`tinynet.nn.reference`
+and is the tests' oracle.
 """
 from __future__ import annotations
 
 from .. import backend
 from .init import uniform_fan_in
-from .layout import channels_first, channel_matrix, from_channel_matrix
-from .module import Module, Parameter
+from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
+from .module import Module, Parameter, is_grad_enabled
 from .validation import check_input
 
-__all__ = ["conv_output_size", "pair", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d"]
+__all__ = ["conv_output_size", "pair", "kernel_offsets", "im2col", "col2im", "conv2d_forward", "conv2d_backward",
+           "Conv2d"]
 
 
 def pair(value, name: str = "value") -> tuple:
@@ -70,41 +75,75 @@ def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def _pad(xc, ph: int, pw: int):
-    """Zero-pad the spatial axes of a channels-first (C, N, H, W) array."""
-    if ph == 0 and pw == 0:
-        return xc
-    xp = backend.get_array_module(xc)
-    c, n, h, w = xc.shape
-    out = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=xc.dtype)
-    out[:, :, ph:ph + h, pw:pw + w] = xc
-    return out
+def _inside(offset: int, pad: int, stride: int, size: int, out_size: int):
+    """Output positions ``[lo, hi)`` whose input index ``stride*o + offset - pad`` lies in ``[0, size)``.
+
+    Returns ``(lo, hi, first)`` with ``first`` the input index read at ``lo``.
+    """
+    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    hi = min(out_size, (size - 1 + pad - offset) // stride + 1)
+    hi = max(hi, lo)
+    return lo, hi, stride * lo + offset - pad
 
 
-def im2col(x, kernel, stride, padding):
+def kernel_offsets(kernel, stride, padding, in_size, out_size):
+    """For every kernel offset (i, j), where it reads inside the image.
+
+    Yields ``(i, j, out_rows, out_cols, in_rows, in_cols)``: the output
+    positions (slices of OH and OW) whose window cell (i, j) falls on a real
+    pixel, and the strided slices of the input (of H and W) they read.
+    Positions outside ``out_rows x out_cols`` read padding.  Shared by
+    convolution and pooling.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (h, w), (oh, ow) = kernel, stride, padding, in_size, out_size
+    for i in range(kh):
+        y0, y1, r0 = _inside(i, ph, sh, h, oh)
+        for j in range(kw):
+            x0, x1, c0 = _inside(j, pw, sw, w, ow)
+            yield (i, j, slice(y0, y1), slice(x0, x1),
+                   slice(r0, r0 + sh * (y1 - y0), sh), slice(c0, c0 + sw * (x1 - x0), sw))
+
+
+def _zero_outside(a, rows: slice, cols: slice) -> None:
+    """Zero the border of ``a`` (C, OH, OW, N) outside ``rows x cols``: the positions that read padding."""
+    a[:, :rows.start] = 0
+    a[:, rows.stop:] = 0
+    a[:, rows, :cols.start] = 0
+    a[:, rows, cols.stop:] = 0
+
+
+def im2col(x, kernel, stride, padding, out=None):
     """Receptive fields of ``x`` (N, C, H, W) as the columns of ``col`` (K, M).
 
-    ``col[(c, i, j), (n, y, x)] = xpad[n, c, SH*y + i, SW*x + j]``.
+    ``col[(c, i, j), (y, x, n)] = xpad[n, c, SH*y + i, SW*x + j]``.  ``out``
+    may be a buffer of shape (C, KH, KW, OH, OW, N) to fill; a 1x1 stride-1
+    convolution without padding reads every pixel once, and ``col`` is then
+    ``x`` itself (a view when ``x`` is CHWN in memory).
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    xpad = _pad(channels_first(x), ph, pw)  # (C, N, H + 2PH, W + 2PW)
-    if kh == kw == 1 and sh == sw == 1:  # a 1x1 conv reads each pixel once: col is x itself
-        return xpad.reshape(c, n * oh * ow)
-    xp = backend.get_array_module(x)
-    col = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            # All receptive-field entries at kernel offset (i, j), for the whole batch.
-            col[:, i, j] = xpad[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
-    return col.reshape(c * kh * kw, n * oh * ow)
+    xc = to_chwn(x)  # (C, H, W, N)
+    if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
+        return xc.reshape(c, h * w * n)
+    if not xc.flags.c_contiguous:
+        # An input that is not CHWN in memory (the images entering the first layer are NCHW)
+        # is reordered once: KH*KW strided gathers from NCHW would each move runs of one value.
+        xc = backend.get_array_module(x).ascontiguousarray(xc)
+    if out is None:
+        out = backend.get_array_module(x).empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        # Every receptive-field entry at kernel offset (i, j), for the whole batch.
+        out[:, i, j, rows, cols] = xc[:, in_rows, in_cols]
+        _zero_outside(out[:, i, j], rows, cols)
+    return out.reshape(c * kh * kw, oh * ow * n)
 
 
 def col2im(dcol, x_shape, kernel, stride, padding):
     """Adjoint of :func:`im2col`: add every column entry back onto the pixel it was copied from.
 
-    Returns dx with logical shape ``x_shape`` (N, C, H, W).
+    Returns dx with logical shape ``x_shape`` (N, C, H, W), CHWN in memory.
+    Entries that were copied from the padding have no pixel and are dropped.
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
@@ -112,18 +151,17 @@ def col2im(dcol, x_shape, kernel, stride, padding):
     if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
         return from_channel_matrix(dcol, x_shape)
     xp = backend.get_array_module(dcol)
-    dcol = dcol.reshape(c, kh, kw, n, oh, ow)
-    dxpad = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=dcol.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            # += and not =: when the stride is smaller than the kernel, neighbouring
-            # windows overlap and a pixel receives one gradient from each window
-            # that read it (dL/dx is the sum over every use of x).
-            dxpad[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += dcol[:, i, j]
-    return channels_first(dxpad[:, :, ph:ph + h, pw:pw + w])
+    dcol = dcol.reshape(c, kh, kw, oh, ow, n)
+    dx = xp.zeros((c, h, w, n), dtype=dcol.dtype)
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        # += and not =: when the stride is smaller than the kernel, neighbouring
+        # windows overlap and a pixel receives one gradient from each window
+        # that read it (dL/dx is the sum over every use of x).
+        dx[:, in_rows, in_cols] += dcol[:, i, j, rows, cols]
+    return from_chwn(dx)
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0)):
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None):
     """Convolution (cross-correlation, as in PyTorch).
 
     Parameters
@@ -132,16 +170,17 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0)):
     w : (C_out, C, KH, KW)
     b : (C_out,) or None
     stride, padding : pairs (SH, SW), (PH, PW)
+    col_buffer : optional (C, KH, KW, OH, OW, N) array for im2col to fill
 
     Returns
     -------
-    out : (N, C_out, OH, OW), an NCHW view of a (C_out, N, OH, OW) buffer
+    out : (N, C_out, OH, OW), an NCHW view of a (C_out, OH, OW, N) buffer
     cache : what :func:`conv2d_backward` needs
     """
     c_out, _, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
-    col = im2col(x, (kh, kw), stride, padding)  # (K, M)
+    col = im2col(x, (kh, kw), stride, padding, out=col_buffer)  # (K, M)
     w2d = w.reshape(c_out, -1)  # (C_out, K)
     out2d = w2d @ col  # (C_out, M)
     if b is not None:
@@ -172,7 +211,10 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     db = dout2d.sum(axis=1) if has_bias else None
     dx = None
     if need_dx:
-        dcol = w.reshape(c_out, -1).T @ dout2d  # (K, M)
+        xp = backend.get_array_module(dout2d)
+        # dcol only lives until col2im has summed it into dx: a reused scratch buffer.
+        dcol = backend.scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
+        xp.matmul(w.reshape(c_out, -1).T, dout2d, out=dcol)  # dcol = W2d.T @ dout2d, (K, M)
         dx = col2im(dcol, x_shape, (kh, kw), stride, padding)
     return dx, dw, db
 
@@ -218,9 +260,32 @@ class Conv2d(Module):
                 f"is smaller than the kernel {self.kernel_size}"
             )
         b = self.bias.data if self.bias is not None else None
-        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self._col_buffer(x))
         self._save_for_backward(cache)
         return out
+
+    def _col_buffer(self, x):
+        """Where im2col writes.
+
+        With gradients enabled, ``col`` is kept until backward, so each layer
+        owns its buffer and refills it every step (allocated once, not per
+        call: a fresh 38 MB array costs page faults worth more than the copy).
+        Without gradients, ``col`` dies with the matrix product and one shared
+        scratch buffer serves every layer.
+        """
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
+            return None  # col is x itself
+        n, c, h, w = x.shape
+        shape = (c, kh, kw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw), n)
+        if not is_grad_enabled():
+            return backend.scratch("conv2d_forward.col", shape, x.dtype, like=x)
+        buf = self.__dict__.get("_col")
+        if (buf is None or buf.shape != shape or buf.dtype != x.dtype
+                or backend.is_cupy_array(buf) != backend.is_cupy_array(x)):
+            buf = backend.get_array_module(x).empty(shape, dtype=x.dtype)
+            object.__setattr__(self, "_col", buf)
+        return buf
 
     def backward(self, dout):
         (cache,) = self._saved_for_backward()

@@ -1,4 +1,4 @@
-"""Memory layout of NCHW activations.
+"""Memory layout of activations: logical NCHW, physical channels-first and batch-last.
 
 Every tensor a layer receives or returns has the *logical* shape
 ``(N, C, H, W)``, as in PyTorch.  Its *physical* layout in memory is free:
@@ -6,41 +6,53 @@ NumPy and CuPy arrays are strided views, and every operation reads them
 correctly whatever their strides.
 
 tinynet's convolution computes all output channels of all images with one
-matrix product ``W (C_out, C*KH*KW) @ col (C*KH*KW, N*OH*OW)``, whose result is
-laid out channels-first: ``(C_out, N, OH, OW)``.  Copying it to NCHW order
-would cost a full extra pass over the largest arrays of the network, and the
-layers that follow do not need it: BatchNorm reduces per channel (contiguous
-rows of the channels-first buffer), ReLU and additions are element-wise, and
-the next convolution's im2col reads strided slices either way.  So Conv2d,
-BatchNorm2d and the pools return ``buffer.transpose(1, 0, 2, 3)``, an NCHW
-*view* of a ``(C, N, H, W)`` buffer.
+matrix product ``W (C_out, K) @ col (K, M)``, whose result has one row per
+output channel.  tinynet orders the M columns as ``(OH, OW, N)``, so the
+product's buffer is ``(C_out, OH, OW, N)``: channels first, batch last
+("CHWN").  Copying it to NCHW order would cost a full extra pass over the
+largest arrays of the network, and the layers that follow do not need it:
 
-:func:`channel_matrix` gets the ``(C, N*H*W)`` matrix of such a tensor
-without a copy (and with one when the tensor really is NCHW in memory);
-:func:`from_channel_matrix` turns a ``(C, N*H*W)`` result back into the
-logical NCHW view.
+* BatchNorm reduces over each channel's values, which are one contiguous row
+  of a CHWN buffer;
+* ReLU and the residual additions are element-wise;
+* im2col, col2im and the pools copy *window slices* ``[:, rows, cols, :]``;
+  with the batch innermost, every slice is made of contiguous runs of at
+  least N values (OW*N at stride 1), even where the spatial size is 2x2
+  (ResNet's last stage) or the stride is 2.  In NCHW order the same copies
+  move runs of 1 or 2 values.
+
+So Conv2d, BatchNorm and the pools return an NCHW *view* of a CHWN buffer.
+
+:func:`channel_matrix` gets the ``(C, H*W*N)`` matrix of a tensor (a view when
+it is CHWN in memory, a copy otherwise); :func:`from_channel_matrix` turns such
+a matrix back into the logical NCHW view.  The same holds for any rank:
+``(N, C, *S)`` is stored ``(C, *S, N)``.
 """
 from __future__ import annotations
 
-__all__ = ["channel_matrix", "from_channel_matrix", "channels_first"]
+__all__ = ["to_chwn", "from_chwn", "channel_matrix", "from_channel_matrix"]
 
 
-def channels_first(x):
-    """``(N, C, H, W) -> (C, N, H, W)`` view (no copy)."""
-    return x.transpose(1, 0, *range(2, x.ndim))
+def to_chwn(x):
+    """``(N, C, *S) -> (C, *S, N)`` view (no copy)."""
+    return x.transpose(*range(1, x.ndim), 0)
+
+
+def from_chwn(a):
+    """``(C, *S, N) -> (N, C, *S)`` view (no copy)."""
+    return a.transpose(a.ndim - 1, *range(a.ndim - 1))
 
 
 def channel_matrix(x):
-    """The ``(C, N*H*W)`` matrix of an ``(N, C, ...)`` tensor; a view when the layout allows.
+    """The ``(C, H*W*N)`` matrix of an ``(N, C, H, W)`` tensor; a view when the layout allows.
 
-    Row ``c`` holds every value of channel ``c``: the per-channel reductions
-    of BatchNorm and the bias gradient of a convolution sum along rows.
+    Row ``c`` holds every value of channel ``c``, in (h, w, n) order: the
+    per-channel reductions of BatchNorm and the bias gradient of a
+    convolution sum along rows.
     """
-    c = x.shape[1]
-    return channels_first(x).reshape(c, -1)
+    return to_chwn(x).reshape(x.shape[1], -1)
 
 
 def from_channel_matrix(m, shape):
-    """Inverse of :func:`channel_matrix`: a ``(C, N*H*W)`` matrix as the NCHW view of shape ``shape``."""
-    n, c = shape[0], shape[1]
-    return m.reshape((c, n) + tuple(shape[2:])).transpose(1, 0, *range(2, len(shape)))
+    """Inverse of :func:`channel_matrix`: a ``(C, H*W*N)`` matrix as the NCHW view of logical shape ``shape``."""
+    return from_chwn(m.reshape(tuple(shape[1:]) + (shape[0],)))

@@ -24,14 +24,19 @@ Average pooling (``count_include_pad=True``, as PyTorch's default)::
 Global average pooling over H x W: ``out = mean(x, axis=(2, 3))``,
 ``dx = dout / (H*W)`` broadcast over the window.
 
-Like convolution, the pools work on channels-first (C, N, H, W) views and
-return NCHW views of channels-first buffers (see :mod:`tinynet.nn.layout`).
+Like convolution, the pools read window slices of the channels-first,
+batch-last view (C, H, W, N) of their input and return NCHW views of CHWN
+buffers (see :mod:`tinynet.nn.layout`).  Padding is never materialised:
+:func:`tinynet.nn.conv.kernel_offsets` gives, for every window cell, the
+output positions where that cell falls on a real pixel.  For max pooling the
+other positions read ``-inf`` and can be skipped; for average pooling they
+read 0 and add nothing.
 """
 from __future__ import annotations
 
 from .. import backend
-from .conv import conv_output_size, pair
-from .layout import channels_first
+from .conv import conv_output_size, kernel_offsets, pair
+from .layout import from_chwn, to_chwn
 from .module import Module
 from .validation import check_input
 
@@ -41,23 +46,6 @@ __all__ = [
     "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward",
     "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
 ]
-
-
-def _padded(xc, ph, pw, fill):
-    if ph == 0 and pw == 0:
-        return xc
-    xp = backend.get_array_module(xc)
-    c, n, h, w = xc.shape
-    out = xp.full((c, n, h + 2 * ph, w + 2 * pw), fill, dtype=xc.dtype)
-    out[:, :, ph:ph + h, pw:pw + w] = xc
-    return out
-
-
-def _window_slices(kh, kw, sh, sw, oh, ow):
-    """Yield ``(k, (rows, cols))``: the strided slice of every window's (i, j) cell, k = i*KW + j."""
-    for i in range(kh):
-        for j in range(kw):
-            yield i * kw + j, (slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))
 
 
 def _check_window(layer, x, kernel, padding):
@@ -77,43 +65,46 @@ def _check_window(layer, x, kernel, padding):
 def max_pool2d_forward(x, kernel, stride, padding):
     """Returns ``(out, cache)``; out (N, C, OH, OW).
 
-    ``argmax`` (C, N, OH, OW), uint8/int16, holds the window index k = i*KW + j of each maximum.
+    The cache holds ``argmax`` (C, OH, OW, N): the window index k = i*KW + j
+    of each maximum, one byte per output (two beyond 256 window cells).
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     xp = backend.get_array_module(x)
-    xpad = _padded(channels_first(x), ph, pw, -xp.inf)  # (C, N, Hp, Wp)
-    out = xpad[:, :, :sh * oh:sh, :sw * ow:sw].copy()  # window cell (0, 0)
-    argmax = xp.zeros(out.shape, dtype=xp.uint8 if kh * kw < 256 else xp.int16)
-    greater = xp.empty(out.shape, dtype=bool)
-    for k, (rows, cols) in _window_slices(kh, kw, sh, sw, oh, ow):
-        if k == 0:
-            continue
-        cand = xpad[:, :, rows, cols]
-        # Strictly greater: on a tie the earlier cell keeps the maximum (the documented rule).
-        xp.greater(cand, out, out=greater)
-        argmax[greater] = k
-        xp.maximum(out, cand, out=out)
-    return channels_first(out), (argmax, x.shape, kernel, stride, padding)
+    xc = to_chwn(x)  # (C, H, W, N)
+    out = xp.full((c, oh, ow, n), -xp.inf, dtype=x.dtype)  # the padding's value
+    index_dtype = xp.uint8 if kh * kw <= 256 else xp.int16
+    argmax = xp.zeros(out.shape, dtype=index_dtype)
+    won = xp.empty(out.shape, dtype=index_dtype)
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        cand, best, arg, k_if_won = xc[:, in_rows, in_cols], out[:, rows, cols], argmax[:, rows, cols], won[:, rows, cols]
+        # k_if_won = k where this cell beats the maximum so far, else 0.  Strictly greater:
+        # on a tie the earlier cell keeps the maximum (the documented rule).
+        xp.greater(cand, best, out=k_if_won)
+        k_if_won *= i * kw + j
+        # The cell index k grows through the loop, so max(argmax, k_if_won) is k exactly where
+        # this cell won and the old index elsewhere: a masked assignment without a mask (masked
+        # stores with a random mask are ten times slower in NumPy).
+        xp.maximum(arg, k_if_won, out=arg)
+        xp.maximum(best, cand, out=best)
+    return from_chwn(out), (argmax, x.shape, kernel, stride, padding)
 
 
 def max_pool2d_backward(dout, cache):
     """Route each ``dout`` value to the input cell that was the maximum of its window."""
-    argmax, x_shape, (kh, kw), (sh, sw), (ph, pw) = cache
+    argmax, x_shape, kernel, stride, padding = cache
+    kw = kernel[1]
     n, c, h, w = x_shape
-    oh, ow = argmax.shape[2:]
+    oh, ow = argmax.shape[1:3]
     xp = backend.get_array_module(dout)
-    doutc = channels_first(dout)
-    dxpad = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=dout.dtype)
-    overlapping = sh < kh or sw < kw
-    for k, (rows, cols) in _window_slices(kh, kw, sh, sw, oh, ow):
-        routed = xp.where(argmax == k, doutc, 0)
-        if overlapping:
-            dxpad[:, :, rows, cols] += routed  # one cell can win several windows
-        else:
-            dxpad[:, :, rows, cols] = routed  # windows are disjoint: each cell is written once
-    return channels_first(dxpad[:, :, ph:ph + h, pw:pw + w])
+    doutc = to_chwn(dout)
+    dx = xp.zeros((c, h, w, n), dtype=dout.dtype)
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        routed = doutc[:, rows, cols] * (argmax[:, rows, cols] == i * kw + j)
+        # += : with overlapping windows (stride < kernel) one cell can win several windows.
+        dx[:, in_rows, in_cols] += routed
+    return from_chwn(dx)
 
 
 # ---------------------------------------------------------------------------
@@ -123,25 +114,26 @@ def avg_pool2d_forward(x, kernel, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    xpad = _padded(channels_first(x), ph, pw, 0)
     xp = backend.get_array_module(x)
-    out = xp.zeros((c, n, oh, ow), dtype=x.dtype)
-    for _, (rows, cols) in _window_slices(kh, kw, sh, sw, oh, ow):
-        out += xpad[:, :, rows, cols]
+    xc = to_chwn(x)
+    out = xp.zeros((c, oh, ow, n), dtype=x.dtype)
+    for _, _, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        out[:, rows, cols] += xc[:, in_rows, in_cols]
     out *= 1.0 / (kh * kw)  # count_include_pad=True: padded zeros count in the mean
-    return channels_first(out), (x.shape, kernel, stride, padding)
+    return from_chwn(out), (x.shape, kernel, stride, padding)
 
 
 def avg_pool2d_backward(dout, cache):
-    x_shape, (kh, kw), (sh, sw), (ph, pw) = cache
+    x_shape, kernel, stride, padding = cache
+    kh, kw = kernel
     n, c, h, w = x_shape
     xp = backend.get_array_module(dout)
-    share = channels_first(dout) * (1.0 / (kh * kw))  # each window cell receives 1/(KH*KW) of dout
-    oh, ow = share.shape[2:]
-    dxpad = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=dout.dtype)
-    for _, (rows, cols) in _window_slices(kh, kw, sh, sw, oh, ow):
-        dxpad[:, :, rows, cols] += share
-    return channels_first(dxpad[:, :, ph:ph + h, pw:pw + w])
+    share = to_chwn(dout) * (1.0 / (kh * kw))  # each window cell receives 1/(KH*KW) of dout
+    oh, ow = share.shape[1:3]
+    dx = xp.zeros((c, h, w, n), dtype=dout.dtype)
+    for _, _, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        dx[:, in_rows, in_cols] += share[:, rows, cols]
+    return from_chwn(dx)
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +162,10 @@ def adaptive_avg_pool2d_backward(dout, cache):
     n, c, h, w = x_shape
     xp = backend.get_array_module(dout)
     if (oh, ow) == (1, 1):
-        return xp.broadcast_to(dout * (1.0 / (h * w)), x_shape).copy()
+        # dx[n, c, :, :] = dout[n, c] / (H*W), written CHWN like the other layers' gradients.
+        dx = xp.empty((c, h, w, n), dtype=dout.dtype)
+        dx[...] = (dout[:, :, 0, 0].T * (1.0 / (h * w)))[:, None, None, :]
+        return from_chwn(dx)
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     for y, (r0, r1) in enumerate(_adaptive_bins(h, oh)):
         for z, (c0, c1) in enumerate(_adaptive_bins(w, ow)):

@@ -56,14 +56,21 @@ class Adam(Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         step_size = lr / (1.0 - b1 ** t)
         sqrt_bc2 = math.sqrt(1.0 - b2 ** t)
+        # One scratch array carries every intermediate: no allocation per parameter and step.
+        tmp = backend.scratch("adam.tmp", p.shape, p.dtype, like=p.data)
         m *= b1
-        m += (1.0 - b1) * g
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp  # m = b1 m + (1 - b1) g
         v *= b2
-        v += (1.0 - b2) * (g * g)
-        denom = xp.sqrt(v)
-        denom /= sqrt_bc2
-        denom += eps
-        p.data -= step_size * (m / denom)
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp  # v = b2 v + (1 - b2) g^2
+        xp.sqrt(v, out=tmp)
+        tmp /= sqrt_bc2
+        tmp += eps  # denominator sqrt(v_hat) + eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p.data -= tmp
 
 
 class AdamW(Adam):
