@@ -1,0 +1,208 @@
+"""Images in a zip archive laid out ``<split>/<class>/<file>``, like ``tiny-imagenet-188-32px.zip``.
+
+Layout (in the archive, or in the folder it was extracted to)::
+
+    classes.tsv                      optional: <class id> TAB <readable names>, one class a line
+    train/n01443537/n01443537_0.JPEG
+    ...
+    val/n01443537/val_1230.JPEG
+
+The members are read straight from the archive (no extraction needed;
+Tiny-ImageNet's is stored uncompressed, so reading costs no inflating) and
+decoded once into a uint8 array ``(N, size, size, 3)``: 103,400 images of
+32x32 take about 300 MB.  With ``cache_path`` that array is saved as an
+``.npz`` file after the first decode, and later runs load it instead.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import warnings
+import zipfile
+from collections import defaultdict
+
+import numpy as np
+
+from .datasets import DecodedDataset
+from .decode import DecodeReport, SkippedFile, check_limit, decode_all, image_size, read_file
+from .folder import NOT_IN_A_CLASS_FOLDER, find_classes, list_class_files
+
+__all__ = ["ZipImageDataset", "read_class_table"]
+
+CLASS_TABLE = "classes.tsv"
+
+# Written into every cache; a cache whose signature differs was made from
+# other data or other options, or by an older layout of this file, and is rebuilt.
+CACHE_FORMAT = "tinynet-image-cache-1"
+
+
+def read_class_table(text: str) -> dict[str, str]:
+    """``classes.tsv`` as ``{class id: readable names}``, in the file's order (blank lines ignored)."""
+    table = {}
+    for line in text.splitlines():
+        if line.strip():
+            class_id, _, names = line.partition("\t")
+            table[class_id.strip()] = names.strip()
+    return table
+
+
+def _list_zip(archive: zipfile.ZipFile, split: str):
+    """``({class: [member, ...]}, skipped)`` for the members under ``split/``, in torchvision's order.
+
+    Members are sorted by (folder, file name), the order
+    :func:`~tinynet.data.folder.list_class_files` gives for the extracted
+    folder, so both layouts yield the same arrays.  Hidden members (a path
+    part starting with ``.``) are ignored.
+    """
+    by_class = defaultdict(list)
+    skipped = []
+    for info in archive.infolist():
+        parts = info.filename.split("/")
+        if info.is_dir() or parts[0] != split or any(part.startswith(".") for part in parts):
+            continue
+        if len(parts) == 2:
+            skipped.append(SkippedFile(f"{archive.filename}/{info.filename}", NOT_IN_A_CLASS_FOLDER))
+        else:
+            by_class[parts[1]].append(info.filename)
+    return {name: sorted(members, key=posixpath.split) for name, members in by_class.items()}, skipped
+
+
+class ZipImageDataset(DecodedDataset):
+    """One split of a ``<split>/<class>/<file>`` image archive (a .zip or its extracted folder), decoded once.
+
+    Parameters
+    ----------
+    source : the .zip file, or the folder it was extracted to.
+    split : the top-level folder to read, ``"train"`` or ``"val"``.
+    size : int or (H, W); images of another size are resized with Pillow's
+        BILINEAR filter (Tiny-ImageNet's are 32x32 already).
+    limit_per_class : keep the first N images of each class, for small runs.
+    cache_path : an ``.npz`` file.  If it holds the array for the same
+        source, split, size and limit, it is loaded (with
+        ``allow_pickle=False``) instead of decoding; otherwise the images are
+        decoded and saved there.  The source is recognised by its path, size
+        in bytes and modification time; for an extracted folder only the
+        folder's own time is seen, so delete the cache after editing files in it.
+    threads : decoding threads (default: one per CPU).
+    verbose : print the report (images, seconds, images/s, or the cache load).
+
+    Classes: the order of ``classes.tsv`` when the source has one (its first
+    column), otherwise the class folders' names sorted.  ``class_names``
+    holds the table's readable names (the id itself when not listed).
+    ``samples`` holds each image's member name in the zip (or its file path,
+    for a folder); ``skipped`` and ``report`` are as for
+    :class:`~tinynet.data.folder.ImageFolder`.
+    """
+
+    def __init__(self, source, split: str = "train", size=32, *, limit_per_class: int | None = None,
+                 cache_path=None, threads: int | None = None, verbose: bool = False):
+        self.source = os.fspath(source)
+        self.split = split
+        check_limit(limit_per_class, "ZipImageDataset")
+        if not os.path.exists(self.source):
+            raise FileNotFoundError(f"image archive {self.source!r} does not exist")
+        size = image_size(size)
+        status = os.stat(self.source)
+        signature = "|".join(map(str, (CACHE_FORMAT, os.path.abspath(self.source), split, size, limit_per_class,
+                                       status.st_size, status.st_mtime_ns)))
+        arrays = self._load_cache(cache_path, signature) if cache_path is not None else None
+        if arrays is None:
+            arrays = self._decode(size, limit_per_class, threads)
+            if cache_path is not None:
+                self._save_cache(cache_path, signature, arrays)
+        skipped = [SkippedFile(str(path), str(reason))
+                   for path, reason in zip(arrays["skipped_paths"], arrays["skipped_reasons"])]
+        super().__init__(arrays["images"], arrays["labels"], arrays["classes"], skipped, arrays["report"])
+        self.class_names = [str(name) for name in arrays["class_names"]]
+        self.samples = [str(path) for path in arrays["samples"]]
+        if verbose:
+            print(f"ZipImageDataset {self.source} [{split}]: {self.report}")
+
+    def _decode(self, size, limit_per_class, threads) -> dict:
+        """List, then decode the split; the arrays a cache stores, plus the report."""
+        if zipfile.is_zipfile(self.source):
+            with zipfile.ZipFile(self.source) as archive:
+                by_class, skipped = _list_zip(archive, self.split)
+                if not by_class:
+                    raise FileNotFoundError(f"image archive {self.source!r} has no images under {self.split}/<class>/")
+                table_text = archive.read(CLASS_TABLE).decode() if CLASS_TABLE in archive.namelist() else ""
+                return self._decode_listed(by_class, skipped, table_text, archive.read, f"{self.source}/",
+                                           size, limit_per_class, threads)
+        if not os.path.isdir(self.source):
+            raise ValueError(f"image archive {self.source!r} is neither a zip file nor a folder")
+        split_dir = os.path.join(self.source, self.split)
+        if not os.path.isdir(split_dir):
+            raise FileNotFoundError(f"image archive {self.source!r} has no {self.split!r} folder")
+        classes, skipped = find_classes(split_dir)
+        by_class = {}
+        for name in classes:
+            by_class[name], unlisted = list_class_files(os.path.join(split_dir, name))
+            skipped += unlisted
+        table_path = os.path.join(self.source, CLASS_TABLE)
+        table_text = ""
+        if os.path.isfile(table_path):
+            with open(table_path, encoding="utf-8") as file:
+                table_text = file.read()
+        return self._decode_listed(by_class, skipped, table_text, read_file, "", size, limit_per_class, threads)
+
+    def _decode_listed(self, by_class, skipped, table_text, read, path_prefix, size, limit_per_class,
+                       threads) -> dict:
+        """Decode the listed images; ``path_prefix`` + source is the path a skipped one is reported under."""
+        table = read_class_table(table_text)
+        classes = list(table) if table else sorted(by_class)
+        unlisted = sorted(set(by_class) - set(classes))
+        if unlisted:
+            raise ValueError(f"image archive {self.source!r}: class folders {unlisted[:5]} of split {self.split!r} "
+                             f"are not listed in {CLASS_TABLE} ({len(unlisted)} in all)")
+        sources, labels = [], []
+        for label, name in enumerate(classes):
+            members = by_class.get(name, [])[:limit_per_class]
+            sources += members
+            labels += [label] * len(members)
+        images, kept, unreadable, report = decode_all(sources, read, size, threads)
+        labels = np.asarray(labels, dtype=np.int64)[kept]
+        empty = [classes[k] for k in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
+        if empty:
+            raise ValueError(f"image archive {self.source!r}: classes {empty[:5]} have no readable image in "
+                             f"split {self.split!r} ({len(empty)} in all)")
+        skipped += [SkippedFile(path_prefix + entry.path, entry.reason) for entry in unreadable]
+        return {
+            "images": images, "labels": labels, "classes": np.array(classes, dtype=str),
+            "class_names": np.array([table.get(name, name) for name in classes], dtype=str),
+            "samples": np.array([sources[i] for i in kept], dtype=str),
+            "skipped_paths": np.array([entry.path for entry in skipped], dtype=str),
+            "skipped_reasons": np.array([entry.reason for entry in skipped], dtype=str),
+            "report": report,
+        }
+
+    @staticmethod
+    def _load_cache(path, signature: str) -> dict | None:
+        """The cached arrays, or None when ``path`` is missing, unreadable or made from other data."""
+        if not os.path.exists(path):
+            return None
+        began = time.perf_counter()
+        try:
+            with np.load(path, allow_pickle=False) as cache:
+                if str(cache["signature"]) != signature:
+                    return None
+                arrays = {key: cache[key] for key in cache.files if key != "signature"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            warnings.warn(f"image cache {os.fspath(path)!r} could not be read ({error}); decoding again",
+                          stacklevel=3)
+            return None
+        arrays["report"] = DecodeReport(len(arrays["images"]), len(arrays["skipped_paths"]),
+                                        time.perf_counter() - began, threads=0, from_cache=True)
+        return arrays
+
+    @staticmethod
+    def _save_cache(path, signature: str, arrays: dict) -> None:
+        """Write the arrays to ``path`` (.npz, uncompressed), atomically: a run killed midway leaves no half file."""
+        partial = f"{os.fspath(path)}.partial-{os.getpid()}"
+        with open(partial, "wb") as file:  # a file object, so np.savez does not append ".npz" to the name
+            np.savez(file, signature=np.array(signature),
+                     **{key: value for key, value in arrays.items() if key != "report"})
+        os.replace(partial, path)
+
+    def _summary(self) -> str:
+        return f"{self.source!r}, split {self.split!r}, {super()._summary()}"
