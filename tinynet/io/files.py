@@ -1,0 +1,245 @@
+"""What the three formats share: limits, path and zip checks, atomic writes, dtypes.
+
+Limits
+------
+A weights file comes from the internet as often as from one's own disk, so
+every reader works under :class:`Limits`: a file that would unpack to more
+than ``max_bytes`` (default 4 GiB) is refused before anything is allocated.
+Zip archives (``.pth`` and ``.npz``) are checked from their central directory,
+which declares every member's uncompressed size; :mod:`zipfile` never
+inflates a member past its declared size, so the declared total bounds the
+memory a zip bomb can claim.  ``.pth`` archives are held to a stricter rule
+still (``max_compression_ratio``), since PyTorch writes every member STORED.
+
+Atomic writes
+-------------
+:func:`atomic_write` writes to a temporary file in the target's directory,
+flushes and fsyncs it, then renames it over the target with ``os.replace``
+(atomic on POSIX and Windows when both are on one file system).  A crash
+leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import pathlib
+import secrets
+import stat
+import zipfile
+import zlib
+
+import numpy as np
+
+from .. import backend
+from ..nn.module import Parameter
+from .errors import WeightsFileError, WeightsLimitError
+
+__all__ = ["Limits", "MiB", "GiB", "check_weights_path", "open_zip", "check_zip_members", "ZIP_READ_ERRORS", "read_member",
+           "atomic_write", "is_index", "bfloat16_to_float32", "host_array", "SAVE_DTYPES"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How much a weights file may claim before it is refused (all in bytes).
+
+    max_bytes
+        Total uncompressed size of a zip's members, size of a safetensors data
+        section, and total size of the arrays a ``.pth`` rebuilds (a tensor with
+        stride 0 can expand a small storage).  4 GiB covers every ImageNet
+        ResNet and ViT-L in float32.
+    max_pickle_bytes
+        Size of a ``.pth``'s ``data.pkl`` (a ResNet50's is 40 kB).
+    max_header_bytes
+        Size of a safetensors JSON header (the reference implementation's limit).
+    max_compression_ratio
+        Uncompressed / compressed size of a deflated ``.pth`` member.  PyTorch
+        stores members uncompressed (ratio 1); 100 leaves room for a re-zipped
+        file, and refuses the ~1000:1 of deflated zeros.
+    """
+
+    max_bytes: int = 4 * GiB
+    max_pickle_bytes: int = 64 * MiB
+    max_header_bytes: int = 100_000_000
+    max_compression_ratio: int = 100
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{field.name} must be a positive int, got {value!r}")
+
+
+def check_weights_path(path) -> tuple[pathlib.Path, int]:
+    """``(Path, size in bytes)`` of a regular file; a clear error for anything else.
+
+    A FIFO or a device (``/dev/zero``) would block or never end if read, so the
+    type is checked with ``stat`` before the file is opened.
+    """
+    try:
+        p = pathlib.Path(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"weights path must be a str or os.PathLike, got {type(path).__name__}") from None
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "No such weights file", str(p)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise WeightsFileError(f"{p}: is a directory; expected a weights file (.pth, .npz or .safetensors)")
+    if not stat.S_ISREG(st.st_mode):
+        raise WeightsFileError(f"{p}: is not a regular file (a device, pipe or socket); expected a weights file")
+    return p, st.st_size
+
+
+def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
+    """Open a zip archive, turning "not a zip" into a message that suspects truncation.
+
+    The central directory sits at the end of a zip, so a truncated download is
+    the usual reason it cannot be found.
+    """
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise WeightsFileError(
+            f"{path}: starts like a zip archive but cannot be opened as one ({exc}); "
+            f"the file is probably truncated (an interrupted download?) or corrupt") from None
+
+
+def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits, max_ratio: int | None = None) -> None:
+    """Refuse a zip whose members could inflate past ``limits.max_bytes`` (a zip bomb).
+
+    Checks, from the central directory alone (nothing is inflated yet): only
+    STORED and DEFLATED members (what numpy and PyTorch write; bzip2 and lzma
+    reach ratios of a million to one), no duplicate names (two members under
+    one name make "which one is read" ambiguous), the declared sizes sum to at
+    most ``max_bytes``, and with ``max_ratio`` no deflated member claims more
+    than ``max_ratio`` times its compressed size.
+    """
+    total = 0
+    seen = set()
+    for info in zf.infolist():
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise WeightsFileError(
+                f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; "
+                f"expected STORED (0) or DEFLATED (8), which is what PyTorch and numpy write")
+        if info.filename in seen:
+            raise WeightsFileError(f"{path}: member {info.filename!r} appears twice in the zip archive")
+        seen.add(info.filename)
+        total += info.file_size
+        if total > limits.max_bytes:
+            raise WeightsLimitError(
+                f"{path}: zip members declare at least {total} uncompressed bytes (at {info.filename!r}), "
+                f"more than the limit of {limits.max_bytes} bytes (Limits.max_bytes; pass a larger max_bytes "
+                f"if the file is trusted)")
+        if (max_ratio is not None and info.compress_type != zipfile.ZIP_STORED
+                and info.file_size > max_ratio * max(info.compress_size, 1)):
+            raise WeightsLimitError(
+                f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to {info.file_size} "
+                f"(ratio {info.file_size / max(info.compress_size, 1):.0f}:1), more than the limit of "
+                f"{max_ratio}:1; PyTorch stores members uncompressed, so this looks like a zip bomb")
+
+
+#: What zipfile raises on a corrupt member: a bad CRC or header (BadZipFile), data that ends early
+#: (EOFError), broken deflate (zlib.error), a name that is not UTF-8 (UnicodeDecodeError, a ValueError),
+#: an encrypted member (RuntimeError), an unknown compression method (NotImplementedError).
+ZIP_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, RuntimeError, NotImplementedError)
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
+    """The bytes of one member (at most its declared size), with corruption reported as such."""
+    try:
+        data = zf.read(info)
+    except ZIP_READ_ERRORS as exc:
+        raise WeightsFileError(
+            f"{path}: member {info.filename!r} cannot be read ({exc}); the file is truncated or corrupt") from None
+    if len(data) != info.file_size:
+        raise WeightsFileError(
+            f"{path}: member {info.filename!r} holds {len(data)} bytes, its zip entry declares "
+            f"{info.file_size}; the file is truncated or corrupt")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_write(path: pathlib.Path):
+    """Yield a binary file object; on success it replaces ``path`` whole, on failure nothing changes.
+
+    The temporary file is created next to the target (``os.replace`` is atomic
+    only within one file system) with ``O_EXCL`` and mode 0o666, so the umask
+    gives it the permissions any new file would get.
+    """
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "Directory to save weights into does not exist", str(directory))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Cannot save weights over a directory", str(path))
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make the rename itself durable (POSIX); Windows and some file systems cannot, and need not."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def is_index(value) -> bool:
+    """A non-negative Python int (not a bool): what a size, stride, offset or byte position must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values, given as their uint16 bit patterns, as float32 (exact).
+
+    bfloat16 is the upper half of a float32 (1 sign, 8 exponent, 7 mantissa
+    bits), so shifting the pattern 16 bits left gives the same number.
+    """
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+#: The dtypes :func:`tinynet.io.save_weights` writes (both formats can hold each one).
+SAVE_DTYPES = frozenset(np.dtype(t) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64))
+
+
+def host_array(key, value, path) -> np.ndarray:
+    """``value`` as a C-contiguous little-endian NumPy array, ready to be written under ``key``.
+
+    CuPy arrays come to the host through :func:`tinynet.backend.to_numpy`;
+    a tinynet ``Parameter`` gives its ``data``.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"saving {path}: state-dict keys must be str, got {type(key).__name__} {key!r}")
+    if isinstance(value, Parameter):
+        value = value.data
+    array = backend.to_numpy(value)
+    native = array.dtype.newbyteorder("=")
+    if native not in SAVE_DTYPES:
+        raise TypeError(
+            f"saving {path}: {key!r} has dtype {array.dtype} ({type(value).__name__}); expected one of "
+            f"bool, int8/16/32/64, uint8/16/32/64, float16/32/64")
+    # asarray, not ascontiguousarray: the latter turns a 0-d num_batches_tracked into shape (1,).
+    return np.asarray(array, dtype=native.newbyteorder("<"), order="C")
