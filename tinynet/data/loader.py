@@ -147,13 +147,23 @@ class DataLoader:
         return np.ones(len(items), dtype=bool)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int):
+        """Serve epoch ``loader.epoch`` from batch ``start_batch`` on (to resume inside an epoch), then advance the epoch.
+
+        Batch b is the same whether the epoch starts at 0 or at b: its images
+        and random numbers depend only on (seed, epoch, b).
+        """
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"DataLoader.iter_from: start_batch must be in [0, {len(self)}], got {start_batch}")
         epoch = self.epoch
         self.epoch += 1
-        return self._batches(epoch)
+        return self._batches(epoch, start_batch)
 
-    def _batches(self, epoch: int):
+    def _batches(self, epoch: int, start_batch: int = 0):
         items = self._item_order(epoch)
-        jobs = ((items[b * self.batch_size:(b + 1) * self.batch_size], epoch, b) for b in range(len(self)))
+        jobs = ((items[b * self.batch_size:(b + 1) * self.batch_size], epoch, b) for b in range(start_batch, len(self)))
         if self.prefetch == 0:
             for job in jobs:
                 yield self._make_batch(*job)

@@ -1,0 +1,289 @@
+"""The assignment's image-classification experiment, end to end, behind one command line.
+
+``examples/train_cnn.py`` and ``examples/train_resnet.py`` are thin wrappers
+around :func:`main`.  A run:
+
+1. loads a folder of photos (one sub-folder per class) with
+   :class:`~tinynet.data.ImageFolder`, or, without ``--data``, the digits
+   bundled with scikit-learn rendered to 64x64 RGB, so it works out of the box;
+2. splits it 70/20/10, stratified, with ``random_state=42`` (the assignment's two
+   ``train_test_split`` calls);
+3. builds the model (the assignment's CNN, or ResNet18 with the head
+   512 -> 512 -> classes, optionally starting from pretrained weights);
+4. trains with Adam and cross-entropy, evaluating on the validation set after
+   every epoch, writing a checkpoint after every epoch;
+5. evaluates on the test set: accuracy and weighted F1;
+6. writes every figure and a ``metrics.json`` with every number into ``--out``.
+
+Errors a user can cause (a missing data folder, an unknown option, ``--device
+cuda`` without a GPU, an output folder that cannot be written) end the program
+with a one-line message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import backend, nn, optim
+from .data import (ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip, RandomRotation,
+                   digits_dataset, stratified_split)
+from .io import WeightsFileError, load_weights
+from .metrics import classification_metrics
+from .models import resnet18, simple_cnn
+from .random import manual_seed
+from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
+
+__all__ = ["build_parser", "main", "run", "UsageError"]
+
+DIGITS_NOTE = ("no --data given: using scikit-learn's bundled handwritten digits (1,797 images, 10 classes) "
+               "rendered to {size}x{size} RGB, so that the script runs out of the box. Point it at real "
+               "photos with --data DIR, where DIR holds one sub-folder of images per class.")
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(model: str) -> argparse.ArgumentParser:
+    what = "the assignment's small CNN" if model == "cnn" else "ResNet18 (torchvision layout, head 512-512-classes)"
+    parser = _Parser(prog=f"train_{model}.py",
+                     description=f"Train {what} on a folder of images with tinynet, as in the assignment: "
+                                 f"70/20/10 stratified split, 64x64 images normalised with mean and std 0.5, "
+                                 f"Adam, cross-entropy; test accuracy and weighted F1 at the end.")
+    parser.add_argument("--data", help="folder with one sub-folder of images per class (default: the bundled "
+                                       "scikit-learn digits, so that the script runs out of the box)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (needs CuPy and a GPU); default cpu")
+    parser.add_argument("--epochs", type=int, default=10, help="default 10")
+    parser.add_argument("--batch-size", type=int, default=64, help="default 64")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, default 1e-3")
+    parser.add_argument("--augment", action="store_true",
+                        help="the augmentation run: every epoch trains on the plain images plus a freshly "
+                             "augmented copy of each (flip p=0.5, rotation +-10 degrees, colour jitter 0.1)")
+    parser.add_argument("--image-size", type=int, default=64, help="images are resized to SIZE x SIZE; default 64")
+    parser.add_argument("--out", default=f"runs/{model}", help=f"output folder; default runs/{model}")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seeds the split, the weights and the batch order; default 42")
+    parser.add_argument("--limit", type=int, help="use at most N images per class (quick runs)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
+                        help="a non-finite loss stops the run (default) or its batch is skipped and counted")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    if model == "resnet":
+        parser.add_argument("--pretrained", metavar="PATH",
+                            help="start from these weights (torchvision's resnet18-f37072fd.pth, or an .npz/"
+                                 ".safetensors from examples/pretrain_resnet.py); the backbone is loaded, the "
+                                 "head (fc.*) is freshly initialised")
+        parser.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots of pooled features")
+    else:
+        parser.add_argument("--softmax-before-loss", action="store_true",
+                            help="reproduce the original notebook's bug: a softmax layer in front of "
+                                 "CrossEntropyLoss, which applies log-softmax itself, so the model is trained "
+                                 "on a squashed softmax of softmax and learns more slowly. Off by default.")
+    return parser
+
+
+def _check_args(args) -> None:
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive number of images per class, got {args.limit}")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    try:
+        args.device = backend.check_device(args.device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+    if args.data is not None and not pathlib.Path(args.data).is_dir():
+        raise UsageError(f"data folder {args.data!r} does not exist or is not a folder")
+    pretrained = getattr(args, "pretrained", None)
+    if pretrained is not None and not pathlib.Path(pretrained).is_file():
+        raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
+    out = pathlib.Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
+
+
+def _limit_per_class(labels, limit):
+    """Indices of at most ``limit`` images of each class (the first ones, in dataset order)."""
+    keep = [np.flatnonzero(labels == k)[:limit] for k in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def load_dataset(args, log):
+    if args.data is None:
+        log(DIGITS_NOTE.format(size=args.image_size))
+        dataset = digits_dataset(size=args.image_size)
+        if args.limit:
+            from .data import ArrayDataset
+
+            keep = _limit_per_class(dataset.labels, args.limit)
+            dataset = ArrayDataset(dataset.images(keep), dataset.labels[keep], dataset.classes)
+        return dataset, "sklearn digits (rendered)"
+    dataset = ImageFolder(args.data, size=args.image_size, limit_per_class=args.limit)
+    log(f"data: {args.data}: {len(dataset)} images in {len(dataset.classes)} classes "
+        f"({dataset.report}); {len(dataset.skipped)} files skipped")
+    for item in dataset.skipped[:10]:
+        log(f"  skipped {item.path}: {item.reason}")
+    if len(dataset.skipped) > 10:
+        log(f"  ... and {len(dataset.skipped) - 10} more (all listed in skipped.tsv)")
+    return dataset, str(pathlib.Path(args.data).resolve())
+
+
+def build_model(model: str, num_classes: int, args, log):
+    if model == "cnn":
+        return simple_cnn(num_classes, image_size=args.image_size,
+                          softmax_before_loss=args.softmax_before_loss), None
+    net = resnet18(num_classes, head="mlp")
+    report = None
+    if args.pretrained:
+        try:
+            state = load_weights(args.pretrained)
+        except (WeightsFileError, OSError) as error:
+            raise UsageError(f"cannot load pretrained weights {args.pretrained!r}: {error}") from None
+        # The backbone comes from the file; the head (fc.*) keeps its fresh initialisation.
+        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        head = {k: v for k, v in net.state_dict().items() if k.startswith("fc.")}
+        result = net.load_state_dict({**backbone, **head}, strict=False)
+        not_loaded = set(result.unexpected_keys) | {key for key, _, _ in result.mismatched_keys}
+        loaded = [k for k in backbone if k not in not_loaded]
+        report = {"path": str(args.pretrained), "loaded": loaded, "fresh": list(head) + result.missing_keys,
+                  "ignored": [k for k in state if k.startswith("fc.")] + result.unexpected_keys,
+                  "mismatched": [list(m) for m in result.mismatched_keys]}
+        log(f"pretrained: loaded {len(loaded)} of the backbone's tensors from {args.pretrained}")
+        log(f"  freshly initialised: {', '.join(report['fresh'])}")
+        if report["ignored"]:
+            log(f"  ignored from the file: {', '.join(report['ignored'])}")
+        if result.mismatched_keys:
+            log(f"  not loaded (shape differs): {', '.join(key for key, _, _ in result.mismatched_keys)}")
+        if not loaded:
+            raise UsageError(f"{args.pretrained!r} holds no ResNet18 backbone weights (no key matched)")
+    return net, report
+
+
+def run(model: str, args, log=print) -> dict:
+    """Run the experiment described by parsed ``args``; returns the metrics written to metrics.json."""
+    from . import plots
+
+    _check_args(args)
+    out = pathlib.Path(args.out)
+    started = time.time()
+    manual_seed(args.seed)
+    try:  # an empty folder, a class without usable images, a class too small to split
+        dataset, data_name = load_dataset(args, log)
+        classes = list(dataset.classes)
+        train_idx, val_idx, test_idx = stratified_split(dataset.labels, seed=42, classes=classes)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        raise UsageError(str(error)) from None
+    if hasattr(dataset, "write_skipped"):
+        dataset.write_skipped(out / "skipped.tsv")
+    log(f"split: {len(train_idx)} train, {len(val_idx)} validation, {len(test_idx)} test images")
+
+    augment = Compose([RandomHorizontalFlip(0.5), RandomRotation(10), ColorJitter(0.1, 0.1, 0.1, 0.1)])
+    train_loader = DataLoader(dataset, train_idx, args.batch_size, shuffle=True, seed=args.seed,
+                              transform=augment if args.augment else None, augment_copy=args.augment)
+    val_loader = DataLoader(dataset, val_idx, args.batch_size)
+    test_loader = DataLoader(dataset, test_idx, args.batch_size)
+
+    net, pretrained_report = build_model(model, len(classes), args, log)
+    net.to(args.device)
+    net.set_input_grad(False)  # the images need no gradient
+    optimizer = optim.Adam(net.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss()
+
+    plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
+                                  classes, out / "class_distribution.png")
+    x0, y0 = next(iter(DataLoader(dataset, train_idx, min(32, len(train_idx)), shuffle=True, seed=args.seed,
+                                  transform=augment if args.augment else None, prefetch=0)))
+    plots.plot_batch_grid(x0, y0, classes, out / "batch_grid.png")
+
+    log(f"model: {type(net).__name__}, {sum(p.size for p in net.parameters()):,} parameters, on {args.device}; "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}"
+        f"{', augmentation run' if args.augment else ''}")
+    history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
+                  checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
+                  progress=not args.no_progress, extra={"model": model, "classes": classes, "seed": args.seed},
+                  log=log)
+
+    test = evaluate(net, test_loader, loss_fn, args.device)
+    metrics = classification_metrics(test["labels"], test["predictions"], classes)
+    plots.plot_curves(history, out / "curves.png")
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
+                                title=f"Test set: accuracy {metrics['accuracy']:.3f}, weighted F1 "
+                                      f"{metrics['f1_weighted']:.3f}")
+    figures = ["class_distribution.png", "batch_grid.png", "curves.png", "confusion_matrix.png"]
+    if model == "resnet" and not args.no_tsne:
+        for name, loader, idx, dims in (("train", train_loader, train_idx, 2), ("validation", val_loader, val_idx, 2),
+                                        ("test", test_loader, test_idx, 3)):
+            plain = DataLoader(dataset, idx, args.batch_size) if name == "train" else loader
+            feats = predict(net, plain, args.device, features=True)
+            if len(feats) >= 4:
+                path = f"tsne_{name}_{dims}d.png"
+                plots.plot_tsne(feats, dataset.labels[idx], classes, out / path, dims=dims,
+                                title=f"t-SNE of pooled features ({name})")
+                figures.append(path)
+
+    best = history.best_epoch
+    result = {
+        "model": model,
+        "data": data_name,
+        "classes": classes,
+        "images": int(len(dataset)),
+        "skipped_files": len(getattr(dataset, "skipped", [])),
+        "split": {"train": int(len(train_idx)), "validation": int(len(val_idx)), "test": int(len(test_idx))},
+        "config": {k: v for k, v in vars(args).items()},
+        "pretrained": pretrained_report,
+        "history": history.to_dict(),
+        "best_epoch": best,
+        "best_val_accuracy": max((e.val_acc for e in history.epochs), default=None),
+        "seconds_per_epoch": float(np.mean([e.seconds for e in history.epochs])) if history.epochs else None,
+        "test": {"accuracy": metrics["accuracy"], "f1_weighted": metrics["f1_weighted"],
+                 "loss": test["loss"], "per_class": metrics["per_class"],
+                 "confusion_matrix": metrics["confusion_matrix"]},
+        "figures": figures,
+        "hardware": {"device": args.device, "cpu": platform.processor() or platform.machine(),
+                     "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+        "wall_seconds": time.time() - started,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    log(f"best validation accuracy {result['best_val_accuracy']:.4f} at epoch {best}")
+    log(f"Test accuracy: {100 * metrics['accuracy']:.1f} %  |  weighted F1: {metrics['f1_weighted']:.2f}  "
+        f"({len(test_idx)} test images)")
+    log(f"figures and metrics.json written to {out}")
+    return result
+
+
+def main(model: str, argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = build_parser(model)
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    try:
+        run(model, args)
+    except (UsageError, CheckpointError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as stop:
+        print(f"\n{prog}: {stop}; run again with --resume to continue", file=sys.stderr)
+        return 130
+    return 0

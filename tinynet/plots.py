@@ -1,0 +1,131 @@
+"""The assignment's figures, saved as PNG files.
+
+Matplotlib is used through its object-oriented API with the Agg canvas (no
+``pyplot``, no global state, no display needed), so plotting works on
+headless machines and never changes the caller's matplotlib backend.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_class_distribution", "plot_batch_grid", "plot_curves", "plot_confusion_matrix", "plot_tsne"]
+
+
+def _save(fig: Figure, path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_class_distribution(splits: dict, classes, path) -> pathlib.Path:
+    """Bar chart of images per class for each named split, e.g. ``{"train": labels, "validation": labels}``."""
+    k = len(classes)
+    fig = Figure(figsize=(max(6.0, 0.45 * k + 2), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(splits), 1)
+    x = np.arange(k)
+    for i, (name, labels) in enumerate(splits.items()):
+        counts = np.bincount(np.asarray(labels), minlength=k)
+        ax.bar(x + (i - (len(splits) - 1) / 2) * width, counts, width, label=f"{name} ({len(labels)})")
+    ax.set_xticks(x, list(classes), rotation=45, ha="right")
+    ax.set_ylabel("images")
+    ax.set_title("Class distribution")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_batch_grid(images, labels, classes, path, columns: int = 8) -> pathlib.Path:
+    """A grid of one batch: ``images`` uint8 (B, H, W, 3) or normalised float (B, 3, H, W) in [-1, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:  # (B, 3, H, W) normalised with mean 0.5, std 0.5
+        images = np.clip((images.transpose(0, 2, 3, 1) * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8)
+    b = len(images)
+    rows = -(-b // columns)
+    fig = Figure(figsize=(1.6 * columns, 1.75 * rows))
+    for i in range(b):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(images[i])
+        ax.set_title(str(classes[int(labels[i])]), fontsize=7)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_curves(history, path) -> pathlib.Path:
+    """Loss and accuracy per epoch, training against validation (a :class:`~tinynet.train.History`)."""
+    epochs = [e.epoch for e in history.epochs]
+    fig = Figure(figsize=(11, 4))
+    for i, (metric, title) in enumerate((("loss", "Loss"), ("acc", "Accuracy"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(epochs, [getattr(e, f"train_{metric}") for e in history.epochs], "o-", label="train")
+        val = [getattr(e, f"val_{metric}") for e in history.epochs]
+        if any(v is not None for v in val):
+            ax.plot(epochs, val, "o-", label="validation")
+        if history.best_epoch is not None:
+            ax.axvline(history.best_epoch, color="grey", ls=":", label=f"best epoch {history.best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix, classes, path, title: str = "Confusion matrix") -> pathlib.Path:
+    """Counts with class names; rows are true classes, columns predicted."""
+    matrix = np.asarray(matrix)
+    k = len(classes)
+    fig = Figure(figsize=(max(5.0, 0.5 * k + 2), max(4.5, 0.5 * k + 1.5)))
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(k), list(classes), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), list(classes), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if k <= 25:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] > threshold else "black")
+    return _save(fig, path)
+
+
+def tsne_embedding(features, dims: int = 2, seed: int = 42) -> np.ndarray:
+    """scikit-learn's t-SNE of ``features`` (n, d) into ``dims`` dimensions; perplexity capped for small n."""
+    from sklearn.manifold import TSNE
+
+    n = len(features)
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+    perplexity = float(min(30.0, (n - 1) / 3))
+    return TSNE(n_components=dims, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        np.asarray(features, dtype=np.float32))
+
+
+def plot_tsne(features, labels, classes, path, dims: int = 2, title: str = "t-SNE", seed: int = 42) -> pathlib.Path:
+    """Scatter plot of the t-SNE embedding of ``features``, one colour per class (2-D or 3-D)."""
+    points = tsne_embedding(features, dims, seed)
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(8, 6.5))
+    ax = fig.add_subplot(projection="3d" if dims == 3 else None)
+    cmap = _class_colours(len(classes))
+    for k, name in enumerate(classes):
+        sel = labels == k
+        if sel.any():
+            ax.scatter(*points[sel].T, s=8, color=cmap[k], label=name, alpha=0.8)
+    ax.set_title(title)
+    ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, path)
+
+
+def _class_colours(k: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if k > 10 else "tab10"]
+    return [cmap(i % cmap.N) for i in range(k)]

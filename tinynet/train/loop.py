@@ -1,0 +1,305 @@
+"""The training and evaluation loops.
+
+One training step is the chain rule written out by the caller of the layers::
+
+    logits = model(x)                     forward, every layer keeps its cache
+    loss = loss_fn(logits, y)             scalar
+    model.backward(loss_fn.backward())    dL/dlogits, then every layer's backward in reverse
+    optimizer.step()                      W <- W - lr * (update from W.grad)
+
+:func:`fit` runs epochs of such steps with a progress bar, evaluates on the
+validation set after each epoch, keeps the history, tracks the best epoch,
+writes a checkpoint after every epoch (atomically: a crash never leaves a
+half-written file), resumes from one, and stops cleanly on Ctrl-C after
+saving where it was.  On the GPU nothing in a step waits for the device: the
+loss and the correct count are summed on the device and read back once per
+``log_every`` batches.
+
+Non-finite losses: with ``on_nan="stop"`` (default) the run stops with
+:class:`NonFiniteLossError`, naming the epoch and the batch; the last
+checkpoint on disk is the one from the end of the previous epoch, written
+before anything went wrong.  With ``on_nan="skip"`` the step of a batch whose
+loss is not finite is skipped (no parameter changes) and counted; this needs
+the loss on the host every batch, which costs a device synchronisation per
+batch on the GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+
+import numpy as np
+
+from .. import backend
+from ..nn.module import no_grad
+from .checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["fit", "evaluate", "predict", "EpochStats", "History", "NonFiniteLossError", "TrainingInterrupted"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, batch: int, value: float, checkpoint=None):
+        self.epoch, self.batch, self.value, self.checkpoint = epoch, batch, value, checkpoint
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(f"loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped "
+                         f"({where}). Lower the learning rate, or pass on_nan='skip' to skip such batches.")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`, after the state was saved."""
+
+    def __init__(self, checkpoint, epoch: int, batch: int):
+        self.checkpoint, self.epoch, self.batch = checkpoint, epoch, batch
+        where = f"saved to {checkpoint}" if checkpoint else "nothing saved (no checkpoint path)"
+        super().__init__(f"interrupted in epoch {epoch + 1} after {batch} batches; {where}")
+
+
+@dataclasses.dataclass
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    seconds: float
+    images_per_second: float
+    lr: float
+    skipped_batches: int = 0
+
+
+@dataclasses.dataclass
+class History:
+    epochs: list = dataclasses.field(default_factory=list)
+
+    @property
+    def best_epoch(self):
+        """The epoch (1-based) with the highest validation accuracy (the first on ties), or None."""
+        scored = [e for e in self.epochs if e.val_acc is not None]
+        if not scored:
+            return None
+        return max(scored, key=lambda e: (e.val_acc, -e.epoch)).epoch
+
+    def to_dict(self) -> dict:
+        return {"epochs": [dataclasses.asdict(e) for e in self.epochs], "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_dict(cls, data) -> "History":
+        return cls([EpochStats(**e) for e in (data or {}).get("epochs", [])])
+
+
+def _as_device(x, device):
+    return backend.to_device(x, device) if device == "cuda" else x
+
+
+def _progress(total, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def evaluate(model, loader, loss_fn=None, device: str = "cpu", progress: bool = False, desc: str = "eval") -> dict:
+    """Loss, accuracy, predictions and labels of ``model`` over ``loader`` (evaluation mode, no caches).
+
+    Returns a dict with ``loss`` (mean per image, or None without ``loss_fn``),
+    ``accuracy``, ``predictions`` and ``labels`` (NumPy int64 arrays).
+    """
+    was_training = model.training
+    model.eval()
+    xp_loss, preds, labels = 0.0, [], []
+    count = 0
+    bar = _progress(len(loader), desc, progress)
+    try:
+        with no_grad():
+            for x, y in loader:
+                logits = model(_as_device(x, device))
+                if loss_fn is not None:
+                    xp_loss = xp_loss + loss_fn(logits, y) * len(y)
+                preds.append(logits.argmax(axis=1))
+                labels.append(np.asarray(y))
+                count += len(y)
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: the loader yielded no batches")
+    predictions = np.concatenate([backend.to_numpy(p) for p in preds]).astype(np.int64)
+    labels = np.concatenate(labels).astype(np.int64)
+    return {
+        "loss": float(xp_loss) / count if loss_fn is not None else None,
+        "accuracy": float(np.mean(predictions == labels)),
+        "predictions": predictions,
+        "labels": labels,
+    }
+
+
+def predict(model, loader, device: str = "cpu", features: bool = False):
+    """Logits (or, with ``features=True``, ``model.features``) for every batch, concatenated on the host."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with no_grad():
+            for x, _ in loader:
+                x = _as_device(x, device)
+                out.append(backend.to_numpy(model.features(x) if features else model(x)))
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every, on_nan, progress, state,
+                 checkpoint):
+    """One epoch from batch ``state["batch"]`` on; keeps its running sums in ``state`` (read on Ctrl-C)."""
+    model.train()
+    start_batch = state["batch"]
+    xp = np
+    first_bad = None  # on the GPU: the first batch whose loss was not finite, tracked on the device
+    bar = _progress(len(loader), f"epoch {epoch + 1}", progress)
+    bar.update(start_batch)
+    started = time.perf_counter()
+    iterator = loader.iter_from(start_batch) if start_batch else iter(loader)
+    try:
+        for batch, (x, y) in enumerate(iterator, start=start_batch):
+            xd, yd = _as_device(x, device), _as_device(y, device)
+            xp = backend.get_array_module(xd)
+            optimizer.zero_grad()
+            logits = model(xd)
+            loss = loss_fn(logits, yd)
+            if device == "cpu" or on_nan == "skip":
+                value = float(loss)  # free on the CPU; on the GPU a synchronisation, paid only for "skip"
+                if not math.isfinite(value):
+                    if on_nan == "stop":
+                        raise NonFiniteLossError(epoch, batch, value, checkpoint)
+                    state["skipped"] += 1  # no backward, no step: the parameters stay as they were
+                    state["batch"] = batch + 1
+                    bar.update(1)
+                    continue
+            else:
+                bad = xp.where(xp.isfinite(loss), len(loader), batch)
+                first_bad = bad if first_bad is None else xp.minimum(first_bad, bad)
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            state["loss_sum"] = state["loss_sum"] + loss * len(y)  # stays on the device
+            state["correct"] = state["correct"] + (logits.argmax(axis=1) == yd).sum()
+            state["seen"] += len(y)
+            state["batch"] = batch + 1
+            bar.update(1)
+            if (batch + 1) % log_every == 0 or batch + 1 == len(loader):
+                if first_bad is not None and int(first_bad) < len(loader):  # one read-back per interval
+                    raise NonFiniteLossError(epoch, int(first_bad), float("nan"), checkpoint)
+                seen = max(state["seen"], 1)
+                rate = (state["seen"] - state["seen_at_start"]) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{float(state['loss_sum']) / seen:.4f}",
+                                acc=f"{float(state['correct']) / seen:.3f}", img_s=f"{rate:.0f}")
+    finally:
+        bar.close()
+
+
+def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
+        scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
+        progress: bool = True, extra=None, log=print) -> History:
+    """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
+
+    Parameters
+    ----------
+    model, optimizer, loss_fn : a tinynet model, optimizer and loss.
+    train_loader, val_loader : iterables of ``(x, y)`` NumPy batches with ``len()``;
+        the training loader must have ``set_epoch(e)`` (and ``iter_from(b)`` to
+        resume inside an epoch) so that epoch ``e`` is reproduced exactly.
+    epochs : total number of epochs (a resumed run continues up to it).
+    device : "cpu" or "cuda"; batches are moved to it, the model must already be there.
+    scheduler : stepped once per epoch.
+    checkpoint_path : written after every epoch, and on Ctrl-C.
+    resume : continue from ``checkpoint_path`` when it exists.
+    on_nan : "stop" or "skip" (see the module docstring).
+    log_every : batches between read-backs of the running loss (progress bar updates).
+    extra : JSON-able dict stored in every checkpoint (model name, classes, seed...).
+    log : where the one-line epoch summaries go (``print``, or None for silence).
+    """
+    if on_nan not in ("stop", "skip"):
+        raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
+    if epochs < 1:
+        raise ValueError(f"fit: epochs must be at least 1, got {epochs}")
+    device = backend.normalize_device(device)
+    log = log or (lambda *a, **k: None)
+    checkpoint_path = pathlib.Path(checkpoint_path) if checkpoint_path else None
+    history = History()
+    start_epoch, start_batch = 0, 0
+    saved_partial = None  # running sums of an epoch interrupted by Ctrl-C
+    if resume and checkpoint_path and checkpoint_path.exists():
+        meta = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        history = History.from_dict(meta.get("history"))
+        start_epoch, start_batch = meta["epoch"], meta["batch"]
+        saved_partial = meta["extra"].get("_partial_epoch") if start_batch else None
+        where = f"epoch {start_epoch + 1}, batch {start_batch + 1}" if start_batch else f"epoch {start_epoch + 1}"
+        log(f"resumed from {checkpoint_path}: continuing at {where} of {epochs}")
+    extra = dict(extra or {})
+    last_good = checkpoint_path if (checkpoint_path and checkpoint_path.exists()) else None
+
+    for epoch in range(start_epoch, epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        state = {"batch": start_batch, "loss_sum": 0.0, "correct": 0, "seen": 0, "skipped": 0}
+        if saved_partial:  # the part of this epoch trained before an interruption
+            state.update(saved_partial)
+        state["seen_at_start"] = state["seen"]
+        saved_partial = None
+        started = time.perf_counter()
+        try:
+            _train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, log_every=log_every,
+                         on_nan=on_nan, progress=progress, state=state, checkpoint=last_good)
+        except KeyboardInterrupt:
+            # Ctrl-C: save where we are (the model after state["batch"] batches of this epoch), then stop.
+            if checkpoint_path is None:
+                raise TrainingInterrupted(None, epoch, state["batch"]) from None
+            extra["_partial_epoch"] = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
+                                       "seen": state["seen"], "skipped": state["skipped"]}
+            with _ignoring_sigint():
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch, batch=state["batch"],
+                                history=history.to_dict(), extra=extra)
+            raise TrainingInterrupted(checkpoint_path, epoch, state["batch"]) from None
+        extra.pop("_partial_epoch", None)
+        loss_sum, correct, seen, skipped = float(state["loss_sum"]), int(state["correct"]), state["seen"], \
+            state["skipped"]
+        start_batch = 0
+        seconds = time.perf_counter() - started
+        val = evaluate(model, val_loader, loss_fn, device) if val_loader is not None else None
+        stats = EpochStats(
+            epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
+            val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
+            seconds=seconds, images_per_second=(seen - state["seen_at_start"]) / max(seconds, 1e-9),
+            lr=float(optimizer.param_groups[0]["lr"]), skipped_batches=skipped)
+        history.epochs.append(stats)
+        if scheduler is not None:
+            scheduler.step()
+        val_text = f"  val loss {stats.val_loss:.4f}  val acc {stats.val_acc:.4f}" if val else ""
+        skip_text = f"  skipped {skipped} non-finite batches" if skipped else ""
+        log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
+            f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
+        if checkpoint_path is not None:
+            with _ignoring_sigint():
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
+                                history=history.to_dict(), extra=extra)
+            last_good = checkpoint_path
+    return history
+
+
+class _ignoring_sigint:
+    """Let a checkpoint write finish even if Ctrl-C is pressed again (main thread only)."""
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not in the main thread
+            self.previous = None
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
