@@ -8,7 +8,7 @@ derivative is taken as 0, as in PyTorch.
 """
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, kernels
 from .functional import softmax
 from .module import Module
 from .validation import check_float
@@ -29,6 +29,8 @@ def relu_backward(dy, y):
     Multiplying by the boolean mask is several times faster in NumPy than
     ``where(y > 0, dy, 0)``; the mask converts exactly to 0.0 and 1.0.
     """
+    if kernels.enabled(dy):
+        return kernels.relu_backward(dy, y)
     return dy * (y > 0)
 
 

@@ -46,7 +46,7 @@ and is the tests' oracle.
 """
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, kernels
 from .init import uniform_fan_in
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .module import Module, Parameter, is_grad_enabled
@@ -132,6 +132,8 @@ def im2col(x, kernel, stride, padding, out=None):
         xc = backend.get_array_module(x).ascontiguousarray(xc)
     if out is None:
         out = backend.get_array_module(x).empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
+    if kernels.enabled(x):  # the same copy as one fused GPU kernel
+        return kernels.im2col(xc, kernel, stride, padding, oh, ow, out).reshape(c * kh * kw, oh * ow * n)
     for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         # Every receptive-field entry at kernel offset (i, j), for the whole batch.
         out[:, i, j, rows, cols] = xc[:, in_rows, in_cols]
@@ -152,6 +154,8 @@ def col2im(dcol, x_shape, kernel, stride, padding):
         return from_channel_matrix(dcol, x_shape)
     xp = backend.get_array_module(dcol)
     dcol = dcol.reshape(c, kh, kw, oh, ow, n)
+    if kernels.enabled(dcol):  # a gather: each pixel sums its own contributions, no atomics
+        return from_chwn(kernels.col2im(dcol, (c, h, w, n), kernel, stride, padding, oh, ow))
     dx = xp.zeros((c, h, w, n), dtype=dcol.dtype)
     for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         # += and not =: when the stride is smaller than the kernel, neighbouring

@@ -34,7 +34,7 @@ read 0 and add nothing.
 """
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, kernels
 from .conv import conv_output_size, kernel_offsets, pair
 from .layout import from_chwn, to_chwn
 from .module import Module
@@ -73,8 +73,11 @@ def max_pool2d_forward(x, kernel, stride, padding):
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     xp = backend.get_array_module(x)
     xc = to_chwn(x)  # (C, H, W, N)
-    out = xp.full((c, oh, ow, n), -xp.inf, dtype=x.dtype)  # the padding's value
     index_dtype = xp.uint8 if kh * kw <= 256 else xp.int16
+    if kernels.enabled(x):
+        out, argmax = kernels.max_pool_forward(xc, kernel, stride, padding, oh, ow, index_dtype)
+        return from_chwn(out), (argmax, x.shape, kernel, stride, padding)
+    out = xp.full((c, oh, ow, n), -xp.inf, dtype=x.dtype)  # the padding's value
     argmax = xp.zeros(out.shape, dtype=index_dtype)
     won = xp.empty(out.shape, dtype=index_dtype)
     for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
@@ -99,6 +102,8 @@ def max_pool2d_backward(dout, cache):
     oh, ow = argmax.shape[1:3]
     xp = backend.get_array_module(dout)
     doutc = to_chwn(dout)
+    if kernels.enabled(dout):
+        return from_chwn(kernels.max_pool_backward(doutc, argmax, (c, h, w, n), kernel, stride, padding))
     dx = xp.zeros((c, h, w, n), dtype=dout.dtype)
     for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         routed = doutc[:, rows, cols] * (argmax[:, rows, cols] == i * kw + j)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .. import backend
+from .. import backend, kernels
 from .optimizer import Optimizer, _check_number
 
 __all__ = ["Adam", "AdamW"]
@@ -56,6 +56,9 @@ class Adam(Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         step_size = lr / (1.0 - b1 ** t)
         sqrt_bc2 = math.sqrt(1.0 - b2 ** t)
+        if kernels.enabled(p.data):  # the whole update below as one GPU kernel
+            kernels.adam_update(p.data, g, m, v, b1, b2, step_size, sqrt_bc2, eps)
+            return
         # One scratch array carries every intermediate: no allocation per parameter and step.
         tmp = backend.scratch("adam.tmp", p.shape, p.dtype, like=p.data)
         m *= b1

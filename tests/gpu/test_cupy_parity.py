@@ -1,0 +1,221 @@
+"""The CuPy path on a real GPU: every layer, loss and optimizer equal to NumPy's within float32 tolerance.
+
+Skipped without CuPy and a GPU (CI has none).  Run on a GPU machine with
+``bash benchmarks/gpu_check.sh``, which runs this file twice: with the fused
+kernels of :mod:`tinynet.kernels` and without them (``TINYNET_FUSED_KERNELS=0``,
+the plain CuPy code), so both GPU paths are compared with NumPy.
+
+Tolerance: relative 1e-4 of each tensor's largest value (float32 sums in a
+different order on the GPU), see ``assert_close_to_scale``.
+"""
+import numpy as np
+import pytest
+
+import tinynet
+from tinynet import backend, nn, optim
+from tinynet.models import resnet18, simple_cnn
+
+from conftest import assert_close_to_scale
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+
+RTOL = 1e-4
+
+
+def to_gpu(a):
+    return backend.to_device(a, "cuda")
+
+
+def both(make, x, rng, *, train=True, grads=True):
+    """Run a layer's forward and backward on NumPy and on CuPy from the same weights; compare everything."""
+    cpu = make()
+    cpu.train(train)
+    gpu = make()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to("cuda").train(train)
+    y_cpu = cpu(x)
+    y_gpu = gpu(to_gpu(x))
+    assert backend.is_cupy_array(y_gpu)
+    assert_close_to_scale(backend.to_numpy(y_gpu), y_cpu, RTOL, "forward")
+    if grads:
+        g = rng.standard_normal(y_cpu.shape).astype(np.float32)
+        dx_cpu = cpu.backward(g)
+        dx_gpu = gpu.backward(to_gpu(g))
+        assert_close_to_scale(backend.to_numpy(dx_gpu), dx_cpu, RTOL, "dx")
+        for (name, p), (_, q) in zip(cpu.named_parameters(), gpu.named_parameters()):
+            assert_close_to_scale(backend.to_numpy(q.grad), p.grad, RTOL, name)
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert_close_to_scale(backend.to_numpy(b), np.asarray(a), RTOL, name)  # running statistics too
+    return cpu, gpu
+
+
+CONVS = [(3, 8, 3, 1, 1, 9, 7), (4, 6, 3, 2, 1, 10, 8), (3, 8, 7, 2, 3, 16, 16), (8, 4, 1, 1, 0, 5, 5),
+         (8, 4, 1, 2, 0, 6, 6), (2, 3, (3, 1), (2, 1), (1, 0), 7, 6)]
+
+
+@pytest.mark.parametrize("c,co,k,s,p,h,w", CONVS)
+def test_conv2d(c, co, k, s, p, h, w, rng):
+    x = rng.standard_normal((3, c, h, w)).astype(np.float32)
+    both(lambda: nn.Conv2d(c, co, k, s, p, rng=np.random.default_rng(0)), x, rng)
+
+
+@pytest.mark.parametrize("k,s,p,h", [(3, 2, 1, 16), (4, 4, 0, 16), (2, 2, 0, 9), (3, 1, 1, 7)])
+def test_max_pool_including_the_resnet_stem(k, s, p, h, rng):
+    x = np.round(rng.standard_normal((4, 3, h, h)), 1).astype(np.float32)  # ties: first maximum wins
+    both(lambda: nn.MaxPool2d(k, s, p), x, rng)
+
+
+def test_avg_and_adaptive_pool(rng):
+    x = rng.standard_normal((4, 3, 9, 8)).astype(np.float32)
+    both(lambda: nn.AvgPool2d(3, 2, 1), x, rng)
+    both(lambda: nn.AdaptiveAvgPool2d(1), x, rng)
+    both(lambda: nn.AdaptiveAvgPool2d((2, 3)), x, rng)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_2d_with_running_statistics(train, rng):
+    x = (rng.standard_normal((6, 5, 7, 7)) * 3 + 2).astype(np.float32)
+    cpu, gpu = both(lambda: nn.BatchNorm2d(5), x, rng, train=train)
+    if train:
+        assert int(gpu.num_batches_tracked) == 1
+
+
+def test_batch_norm_1d(rng):
+    both(lambda: nn.BatchNorm1d(4), rng.standard_normal((8, 4)).astype(np.float32), rng)
+
+
+def test_linear_relu_softmax_flatten(rng):
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    both(lambda: nn.Linear(6, 4, rng=np.random.default_rng(1)), x, rng)
+    both(nn.ReLU, x, rng)
+    both(lambda: nn.Softmax(1), x, rng)
+    both(nn.Flatten, rng.standard_normal((2, 3, 4, 4)).astype(np.float32), rng)
+
+
+@pytest.mark.parametrize("stride,in_planes,planes", [(1, 4, 4), (2, 4, 8)])
+def test_basic_block(stride, in_planes, planes, rng):
+    def make():
+        ds = None
+        if stride != 1 or in_planes != planes:
+            ds = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False, rng=np.random.default_rng(2)),
+                               nn.BatchNorm2d(planes))
+        return nn.BasicBlock(in_planes, planes, stride, ds, rng=np.random.default_rng(3))
+
+    both(make, rng.standard_normal((4, in_planes, 8, 8)).astype(np.float32), rng)
+
+
+def test_dropout_on_gpu_is_inverted(rng):
+    layer = nn.Dropout(0.3).to("cuda")
+    x = to_gpu(np.ones((200, 300), np.float32))
+    y = backend.to_numpy(layer(x))
+    assert abs((y != 0).mean() - 0.7) < 0.01 and np.allclose(y[y != 0], 1 / 0.7)
+
+
+@pytest.mark.parametrize("loss,pred,target", [
+    (nn.CrossEntropyLoss, (6, 5), "class"),
+    (nn.NLLLoss, (6, 5), "class"),
+    (nn.BCEWithLogitsLoss, (6, 3), "prob"),
+    (nn.BCELoss, (6, 3), "prob"),
+])
+def test_losses(loss, pred, target, rng):
+    z = rng.standard_normal(pred).astype(np.float32)
+    if loss is nn.BCELoss:
+        z = 1 / (1 + np.exp(-z))
+    if loss is nn.NLLLoss:
+        z = z - np.log(np.exp(z).sum(1, keepdims=True))
+    t = rng.integers(0, pred[1], pred[0]) if target == "class" else rng.uniform(0, 1, pred).astype(np.float32)
+    cpu, gpu = loss(), loss()
+    value = float(cpu(z, t))
+    value_gpu = gpu(to_gpu(z), to_gpu(t))
+    assert backend.is_cupy_array(value_gpu)  # no host synchronisation: the loss stays on the device
+    assert float(value_gpu) == pytest.approx(value, rel=1e-5)
+    assert_close_to_scale(backend.to_numpy(gpu.backward()), cpu.backward(), RTOL)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_optimizer_steps(kind, rng):
+    w0 = rng.standard_normal((7, 5)).astype(np.float32)
+    grads = [rng.standard_normal((7, 5)).astype(np.float32) for _ in range(4)]
+    p, q = nn.Parameter(w0.copy()), nn.Parameter(to_gpu(w0))
+    make = {"sgd": lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+            "adam": lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.01),
+            "adamw": lambda ps: optim.AdamW(ps, lr=0.01)}[kind]
+    opt_cpu, opt_gpu = make([p]), make([q])
+    for g in grads:
+        p.grad, q.grad = g.copy(), to_gpu(g)
+        opt_cpu.step()
+        opt_gpu.step()
+    assert_close_to_scale(backend.to_numpy(q.data), p.data, 1e-5)
+
+
+def test_model_to_cuda_and_back():
+    model = resnet18(10)
+    before = {k: np.array(v, copy=True) for k, v in model.state_dict().items()}
+    model.to("cuda")
+    assert model.device == "cuda" and all(backend.is_cupy_array(v) for v in model.state_dict().values())
+    model.to("cpu")
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_mixing_devices_names_the_layer(rng):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).to("cuda")
+    with pytest.raises(RuntimeError, match=r"Conv2d '0'.*cpu.*cuda"):
+        model(rng.standard_normal((1, 3, 5, 5)).astype(np.float32))
+
+
+def test_resnet18_train_step_matches_numpy(rng):
+    tinynet.manual_seed(0)
+    cpu = resnet18(5)
+    gpu = resnet18(5)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to("cuda")
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 5, 8)
+    for model, xs in ((cpu, x), (gpu, to_gpu(x))):
+        loss = nn.CrossEntropyLoss()
+        loss(model(xs), y)
+        model.backward(loss.backward())
+    for (name, p), (_, q) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        assert_close_to_scale(backend.to_numpy(q.grad), p.grad, 1e-3, name)
+
+
+def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path):
+    from tinynet.train import load_checkpoint, save_checkpoint
+
+    model = simple_cnn(3, image_size=16).to("cuda")
+    opt = optim.Adam(model.parameters())
+    x = to_gpu(np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    loss = nn.CrossEntropyLoss()
+    loss(model(x), np.array([0, 1, 2, 0]))
+    model.backward(loss.backward())
+    opt.step()
+    save_checkpoint(tmp_path / "c.npz", model, opt, epoch=1)
+    cpu = simple_cnn(3, image_size=16)
+    cpu_opt = optim.Adam(cpu.parameters())
+    load_checkpoint(tmp_path / "c.npz", cpu, cpu_opt)
+    for (k, a), (_, b) in zip(model.state_dict().items(), cpu.state_dict().items()):
+        np.testing.assert_array_equal(backend.to_numpy(a), b)
+
+
+def test_short_fit_on_gpu_learns_like_the_cpu(tmp_path):
+    from tinynet.data import ArrayDataset, DataLoader
+    from tinynet.train import fit
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, (96, 16, 16, 3)).astype(np.uint8)
+    labels = np.arange(96) % 2
+    images[labels == 0, :8, :8] += 150
+    images[labels == 1, 8:, 8:] += 150
+    data = ArrayDataset(images, labels, ["a", "b"])
+    results = {}
+    for device in ("cpu", "cuda"):
+        tinynet.manual_seed(0)
+        model = simple_cnn(2, image_size=16).to(device)
+        history = fit(model, optim.Adam(model.parameters(), lr=3e-3), nn.CrossEntropyLoss(),
+                      DataLoader(data, np.arange(64), 16, shuffle=True), DataLoader(data, np.arange(64, 96), 16),
+                      epochs=3, device=device, progress=False, log=None, checkpoint_path=tmp_path / f"{device}.npz")
+        results[device] = history.epochs[-1]
+    assert results["cuda"].val_acc > 0.9
+    assert results["cuda"].train_loss == pytest.approx(results["cpu"].train_loss, rel=1e-2, abs=1e-3)
