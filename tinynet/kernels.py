@@ -58,6 +58,31 @@ def _cupy():
 _GEOMETRY = ("int32 H, int32 W, int32 N, int32 KH, int32 KW, int32 OH, int32 OW, int32 SH, int32 SW, "
              "int32 PH, int32 PW")
 
+# The gather kernels (col2im, max-pool backward) run once per input pixel: element i is pixel (c, y, z, b)
+# of a (C, H, W, N) array, and it visits every (kernel cell, output position) that read it, i.e. every
+# (ki, kj, oy, ox) with oy*SH + ki - PH == y and ox*SW + kj - PW == z, in a fixed order.
+_PIXEL_INDEX = """
+        ptrdiff_t t = i;
+        const int b = t % N; t /= N;
+        const int z = t % W; t /= W;
+        const int y = t % H;
+        const ptrdiff_t c = t / H;
+"""
+_FOR_EACH_READER = """
+        for (int ki = 0; ki < KH; ++ki) {{
+            const int ry = y + PH - ki;
+            if (ry < 0 || ry % SH) continue;
+            const int oy = ry / SH;
+            if (oy >= OH) continue;
+            for (int kj = 0; kj < KW; ++kj) {{
+                const int rz = z + PW - kj;
+                if (rz < 0 || rz % SW) continue;
+                const int ox = rz / SW;
+                if (ox >= OW) continue;{body}
+            }}
+        }}
+"""
+
 # name -> (input parameters, output parameters, loop body, preamble), in CuPy's ElementwiseKernel syntax.
 # Kept as plain data so that tests/test_kernels_source.py can compile the same bodies as C++ on the CPU
 # and check their index arithmetic against NumPy on machines without a GPU.
@@ -78,28 +103,10 @@ SOURCES = {
         """, ""),
     "col2im": (
         f"raw T dcol, {_GEOMETRY}", "T dx",
-        """
-        // Output element i is pixel (c, y, z, b) of dx (C, H, W, N): sum the column entries that
-        // were copied from it, every (ki, kj, oy, ox) with oy*SH + ki - PH == y and ox*SW + kj - PW == z.
-        ptrdiff_t t = i;
-        const int b = t % N; t /= N;
-        const int z = t % W; t /= W;
-        const int y = t % H;
-        const ptrdiff_t c = t / H;
+        _PIXEL_INDEX + """
         T acc = 0;
-        for (int ki = 0; ki < KH; ++ki) {
-            const int ry = y + PH - ki;
-            if (ry < 0 || ry % SH) continue;
-            const int oy = ry / SH;
-            if (oy >= OH) continue;
-            for (int kj = 0; kj < KW; ++kj) {
-                const int rz = z + PW - kj;
-                if (rz < 0 || rz % SW) continue;
-                const int ox = rz / SW;
-                if (ox >= OW) continue;
-                acc += dcol[((((c * KH + ki) * KW + kj) * OH + oy) * OW + ox) * N + b];
-            }
-        }
+        """ + _FOR_EACH_READER.format(body="""
+                acc += dcol[((((c * KH + ki) * KW + kj) * OH + oy) * OW + ox) * N + b];""") + """
         dx = acc;
         """, ""),
     "max_pool_forward": (
@@ -128,28 +135,11 @@ SOURCES = {
         """, "#include <math_constants.h>"),
     "max_pool_backward": (
         f"raw T dout, raw S argmax, {_GEOMETRY}", "T dx",
-        """
-        // Input pixel (c, y, z, b): add dout of every window whose maximum it was.
-        ptrdiff_t t = i;
-        const int b = t % N; t /= N;
-        const int z = t % W; t /= W;
-        const int y = t % H;
-        const ptrdiff_t c = t / H;
-        T acc = 0;
-        for (int ki = 0; ki < KH; ++ki) {
-            const int ry = y + PH - ki;
-            if (ry < 0 || ry % SH) continue;
-            const int oy = ry / SH;
-            if (oy >= OH) continue;
-            for (int kj = 0; kj < KW; ++kj) {
-                const int rz = z + PW - kj;
-                if (rz < 0 || rz % SW) continue;
-                const int ox = rz / SW;
-                if (ox >= OW) continue;
+        _PIXEL_INDEX + """
+        T acc = 0;   // the dout of every window whose maximum this pixel was
+        """ + _FOR_EACH_READER.format(body="""
                 const ptrdiff_t o = ((c * OH + oy) * OW + ox) * N + b;
-                if (argmax[o] == ki * KW + kj) acc += dout[o];
-            }
-        }
+                if (argmax[o] == ki * KW + kj) acc += dout[o];""") + """
         dx = acc;
         """, ""),
     "relu_backward": ("T dy, T y", "T dx", "dx = y > (T)0 ? dy : (T)0;", ""),

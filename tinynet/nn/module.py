@@ -243,23 +243,22 @@ class Module:
         for _, m in self.named_modules():
             yield m
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True):
-        for name, p in self._parameters.items():
-            yield (f"{prefix}.{name}" if prefix else name), p
+    def _named(self, registry: str, prefix: str, recurse: bool):
+        for name, value in getattr(self, registry).items():
+            yield (f"{prefix}.{name}" if prefix else name), value
         if recurse:
             for cname, child in self._modules.items():
-                yield from child.named_parameters(f"{prefix}.{cname}" if prefix else cname)
+                yield from child._named(registry, f"{prefix}.{cname}" if prefix else cname, True)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True):
+        yield from self._named("_parameters", prefix, recurse)
 
     def parameters(self, recurse: bool = True):
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
     def named_buffers(self, prefix: str = "", recurse: bool = True):
-        for name, b in self._buffers.items():
-            yield (f"{prefix}.{name}" if prefix else name), b
-        if recurse:
-            for cname, child in self._modules.items():
-                yield from child.named_buffers(f"{prefix}.{cname}" if prefix else cname)
+        yield from self._named("_buffers", prefix, recurse)
 
     def buffers(self, recurse: bool = True):
         for _, b in self.named_buffers(recurse=recurse):

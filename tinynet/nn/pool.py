@@ -183,6 +183,10 @@ def adaptive_avg_pool2d_backward(dout, cache):
 # Layers
 # ---------------------------------------------------------------------------
 class _Pool2d(Module):
+    """A pooling layer around a pair of ``*_forward(x, kernel, stride, padding)`` / ``*_backward(dout, cache)`` functions."""
+
+    _forward_fn = _backward_fn = None
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -197,37 +201,28 @@ class _Pool2d(Module):
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
-    def _check(self, x):
+    def forward(self, x):
         check_input(self, x, "(N, C, H, W)", 4)
         _check_window(self, x, self.kernel_size, self.padding)
+        out, cache = type(self)._forward_fn(x, self.kernel_size, self.stride, self.padding)
+        self._save_for_backward(cache)
+        return out
+
+    def backward(self, dout):
+        (cache,) = self._saved_for_backward()
+        return type(self)._backward_fn(dout, cache)
 
 
 class MaxPool2d(_Pool2d):
     """``MaxPool2d(kernel_size, stride=None, padding=0)``; stride defaults to the kernel size."""
 
-    def forward(self, x):
-        self._check(x)
-        out, cache = max_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
-        self._save_for_backward(cache)
-        return out
-
-    def backward(self, dout):
-        (cache,) = self._saved_for_backward()
-        return max_pool2d_backward(dout, cache)
+    _forward_fn, _backward_fn = max_pool2d_forward, max_pool2d_backward
 
 
 class AvgPool2d(_Pool2d):
     """``AvgPool2d(kernel_size, stride=None, padding=0)`` (padded zeros count, as PyTorch's default)."""
 
-    def forward(self, x):
-        self._check(x)
-        out, cache = avg_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
-        self._save_for_backward(cache)
-        return out
-
-    def backward(self, dout):
-        (cache,) = self._saved_for_backward()
-        return avg_pool2d_backward(dout, cache)
+    _forward_fn, _backward_fn = avg_pool2d_forward, avg_pool2d_backward
 
 
 class AdaptiveAvgPool2d(Module):
