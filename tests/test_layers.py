@@ -112,3 +112,13 @@ def test_sequential_indexing_and_names():
     assert net[0]._describe() == "Linear '0'"
     with pytest.raises(TypeError, match="not a Module"):
         nn.Sequential(nn.ReLU(), "relu")
+
+
+def test_relu_inplace_overwrites_its_input_and_keeps_the_gradient(rng):
+    x = rng.standard_normal((4, 5))
+    layer = nn.ReLU(inplace=True)
+    y = layer(x)
+    assert y is x and np.all(x >= 0)
+    g = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(layer.backward(g), g * (y > 0))
+    gradcheck(nn.ReLU(inplace=True), rng.standard_normal((3, 4)) + 0.1).assert_ok()

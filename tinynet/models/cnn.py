@@ -27,9 +27,10 @@ class SimpleCNN(Sequential):
             raise ValueError(f"SimpleCNN: image_size must be a multiple of 16 (pools of 4, 2 and 2), got {image_size}")
         side = image_size // 16
         layers = [
-            Conv2d(3, 32, 3, padding=1, rng=rng), ReLU(), MaxPool2d(4),
-            Conv2d(32, 64, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2),
-            Conv2d(64, 128, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2),
+            # In-place ReLUs: a convolution's backward keeps its input's columns, not its output.
+            Conv2d(3, 32, 3, padding=1, rng=rng), ReLU(inplace=True), MaxPool2d(4),
+            Conv2d(32, 64, 3, padding=1, rng=rng), ReLU(inplace=True), MaxPool2d(2),
+            Conv2d(64, 128, 3, padding=1, rng=rng), ReLU(inplace=True), MaxPool2d(2),
             Flatten(), Linear(128 * side * side, num_classes, rng=rng),
         ]
         if softmax_before_loss:

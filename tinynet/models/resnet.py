@@ -42,7 +42,7 @@ class ResNet(Module):
             raise ValueError(f"ResNet: num_classes must be positive, got {num_classes}")
         self.conv1 = Conv2d(3, width, 7, stride=2, padding=3, bias=False, rng=rng)
         self.bn1 = BatchNorm2d(width)
-        self.relu = ReLU()
+        self.relu = ReLU(inplace=True)
         self.maxpool = MaxPool2d(3, stride=2, padding=1)
         in_planes = width
         for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):

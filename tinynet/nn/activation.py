@@ -5,6 +5,12 @@
 The backward keeps the *output* (as Chainer does), not the input: the next
 layer holds it anyway, so the mask costs no extra memory.  At x = 0 the
 derivative is taken as 0, as in PyTorch.
+
+``ReLU(inplace=True)`` writes ``y`` over ``x``, saving an allocation and a
+pass over fresh memory.  That is safe exactly when nothing else still needs
+``x``: after a convolution (its backward keeps ``col``), a BatchNorm (keeps
+``xhat``) or a residual sum, as in tinynet's models; not on an input that
+another branch also reads.
 """
 from __future__ import annotations
 
@@ -16,10 +22,10 @@ from .validation import check_float
 __all__ = ["relu_forward", "relu_backward", "ReLU", "Softmax"]
 
 
-def relu_forward(x):
-    """``y = max(x, 0)``; the cache is ``y`` itself."""
+def relu_forward(x, inplace: bool = False):
+    """``y = max(x, 0)`` (written over ``x`` when ``inplace``); the cache is ``y`` itself."""
     xp = backend.get_array_module(x)
-    y = xp.maximum(x, 0)
+    y = xp.maximum(x, 0, out=x if inplace else None)
     return y, y
 
 
@@ -38,13 +44,15 @@ class ReLU(Module):
     """Rectified linear unit, element-wise, any shape."""
 
     def __init__(self, inplace: bool = False):
-        # ``inplace`` is accepted for PyTorch compatibility; a layer that keeps its
-        # output for backward gains nothing from overwriting its input.
         super().__init__()
+        self.inplace = bool(inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
     def forward(self, x):
         check_float(self, x)
-        y, cache = relu_forward(x)
+        y, cache = relu_forward(x, self.inplace)
         self._save_for_backward(cache)
         return y
 

@@ -36,8 +36,9 @@ class BasicBlock(Module):
         self.conv2 = Conv2d(planes, planes, 3, stride=1, padding=1, bias=False, rng=rng, dtype=dtype)
         self.bn2 = BatchNorm2d(planes, dtype=dtype)
         # torchvision uses one ReLU module twice; each of ours keeps its own output for backward.
-        self.relu1 = ReLU()
-        self.relu2 = ReLU()
+        # In place: BatchNorm's backward keeps xhat, not its output, and the sum below is ours.
+        self.relu1 = ReLU(inplace=True)
+        self.relu2 = ReLU(inplace=True)
         self.downsample = downsample
         if downsample is None and (stride != 1 or in_planes != planes):
             raise ValueError(
@@ -51,7 +52,7 @@ class BasicBlock(Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out = out + identity
+        out += identity  # bn2's output is a fresh array nobody else holds
         return self.relu2(out)
 
     def backward(self, dout):
