@@ -16,10 +16,13 @@ CPU kernel.  When windows overlap (stride < kernel, e.g. the ResNet stem's
 3x3 / stride 2 / padding 1) one input cell can be the maximum of several
 windows, so dx *accumulates* (``+=``) the routed gradients.
 
-Average pooling (``count_include_pad=True``, as PyTorch's default)::
+Average pooling::
 
-    out = (1 / (KH*KW)) * sum_{i,j} xpad[..., SH*y + i, SW*x + j]
-    dx[cell] += dout / (KH*KW) for every window containing the cell.
+    out = (1 / D) * sum_{i,j} xpad[..., SH*y + i, SW*x + j]
+    dx[cell] += dout / D for every window containing the cell,
+
+with ``D = KH*KW`` (padded zeros count: ``count_include_pad=True``, PyTorch's
+default) or ``D`` = the number of the window's cells inside the image.
 
 Global average pooling over H x W: ``out = mean(x, axis=(2, 3))``,
 ``dx = dout / (H*W)`` broadcast over the window.
@@ -33,6 +36,8 @@ other positions read ``-inf`` and can be skipped; for average pooling they
 read 0 and add nothing.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .. import backend, kernels
 from .conv import conv_output_size, kernel_offsets, pair
@@ -115,7 +120,19 @@ def max_pool2d_backward(dout, cache):
 # ---------------------------------------------------------------------------
 # Average pooling
 # ---------------------------------------------------------------------------
-def avg_pool2d_forward(x, kernel, stride, padding):
+def _avg_scale(kernel, stride, padding, in_size, out_size, count_include_pad, like):
+    """``1 / D`` for every output position: a number, or an array (1, OH, OW, 1) without padded cells."""
+    kh, kw = kernel
+    if count_include_pad:
+        return 1.0 / (kh * kw)
+    counts = np.zeros(out_size)
+    for _, _, rows, cols, _, _ in kernel_offsets(kernel, stride, padding, in_size, out_size):
+        counts[rows, cols] += 1
+    xp = backend.get_array_module(like)
+    return xp.asarray((1.0 / counts)[None, :, :, None], dtype=like.dtype)
+
+
+def avg_pool2d_forward(x, kernel, stride, padding, count_include_pad=True):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
@@ -124,17 +141,17 @@ def avg_pool2d_forward(x, kernel, stride, padding):
     out = xp.zeros((c, oh, ow, n), dtype=x.dtype)
     for _, _, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         out[:, rows, cols] += xc[:, in_rows, in_cols]
-    out *= 1.0 / (kh * kw)  # count_include_pad=True: padded zeros count in the mean
-    return from_chwn(out), (x.shape, kernel, stride, padding)
+    out *= _avg_scale(kernel, stride, padding, (h, w), (oh, ow), count_include_pad, out)
+    return from_chwn(out), (x.shape, kernel, stride, padding, count_include_pad)
 
 
 def avg_pool2d_backward(dout, cache):
-    x_shape, kernel, stride, padding = cache
-    kh, kw = kernel
+    x_shape, kernel, stride, padding, count_include_pad = cache
     n, c, h, w = x_shape
     xp = backend.get_array_module(dout)
-    share = to_chwn(dout) * (1.0 / (kh * kw))  # each window cell receives 1/(KH*KW) of dout
-    oh, ow = share.shape[1:3]
+    oh, ow = dout.shape[2:]
+    # each window cell receives 1/D of its window's dout
+    share = to_chwn(dout) * _avg_scale(kernel, stride, padding, (h, w), (oh, ow), count_include_pad, dout)
     dx = xp.zeros((c, h, w, n), dtype=dout.dtype)
     for _, _, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         dx[:, in_rows, in_cols] += share[:, rows, cols]
@@ -204,13 +221,16 @@ class _Pool2d(Module):
     def forward(self, x):
         check_input(self, x, "(N, C, H, W)", 4)
         _check_window(self, x, self.kernel_size, self.padding)
-        out, cache = type(self)._forward_fn(x, self.kernel_size, self.stride, self.padding)
+        out, cache = type(self)._forward_fn(x, self.kernel_size, self.stride, self.padding, **self._options())
         self._save_for_backward(cache)
         return out
 
     def backward(self, dout):
         (cache,) = self._saved_for_backward()
         return type(self)._backward_fn(dout, cache)
+
+    def _options(self) -> dict:
+        return {}
 
 
 class MaxPool2d(_Pool2d):
@@ -220,9 +240,19 @@ class MaxPool2d(_Pool2d):
 
 
 class AvgPool2d(_Pool2d):
-    """``AvgPool2d(kernel_size, stride=None, padding=0)`` (padded zeros count, as PyTorch's default)."""
+    """``AvgPool2d(kernel_size, stride=None, padding=0, count_include_pad=True)``, as PyTorch's."""
 
     _forward_fn, _backward_fn = avg_pool2d_forward, avg_pool2d_backward
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
+
+    def _options(self) -> dict:
+        return {"count_include_pad": self.count_include_pad}
 
 
 class AdaptiveAvgPool2d(Module):
