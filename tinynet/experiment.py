@@ -94,10 +94,13 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args) -> None:
+def _check_args(args, model: str) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if model == "cnn" and args.image_size % 16:
+        raise UsageError(f"--image-size must be a multiple of 16 for the CNN (its pools divide it by 4, 2 and 2), "
+                         f"got {args.image_size}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of images per class, got {args.limit}")
     if not (args.lr > 0 and np.isfinite(args.lr)):
@@ -182,7 +185,7 @@ def run(model: str, args, log=print) -> dict:
     """Run the experiment described by parsed ``args``; returns the metrics written to metrics.json."""
     from . import plots
 
-    _check_args(args)
+    _check_args(args, model)
     out = pathlib.Path(args.out)
     started = time.time()
     manual_seed(args.seed)
@@ -271,10 +274,20 @@ def run(model: str, args, log=print) -> dict:
 
 
 def main(model: str, argv=None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status.
+
+    0: done; 2: bad input (:class:`UsageError`, an unusable checkpoint), one
+    line on stderr; 1: the loss became NaN, or a file could not be written (a
+    full disk); 130: Ctrl-C, after the checkpoint was saved.
+    """
     parser = build_parser(model)
     args = parser.parse_args(argv)
     prog = parser.prog
+    # A file name that is not valid UTF-8 (or not in the terminal's encoding) is printed with escapes
+    # rather than stopping the run with a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         run(model, args)
     except (UsageError, CheckpointError) as error:
@@ -283,7 +296,13 @@ def main(model: str, argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # CheckpointWriteError says which checkpoint is still intact
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as stop:
         print(f"\n{prog}: {stop}; run again with --resume to continue", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted outside training; every checkpoint written so far is intact", file=sys.stderr)
         return 130
     return 0

@@ -43,8 +43,16 @@ def logsumexp(z, axis=-1, keepdims=False):
 
 
 def log_softmax(z, axis=-1):
-    """``z - logsumexp(z)`` along ``axis``."""
-    return z - logsumexp(z, axis=axis, keepdims=True)
+    """``z - logsumexp(z)`` along ``axis``, as ``(z - max z) - log sum exp(z - max z)``.
+
+    Subtracting the maximum first keeps the small numbers small: for tied
+    logits of 1e4 in float32 the result is ``-log K`` exactly, where
+    ``z - logsumexp(z)`` would lose it to the rounding of ``1e4 + log K``.
+    """
+    xp = backend.get_array_module(z)
+    zmax = z.max(axis=axis, keepdims=True)
+    shifted = z - xp.where(xp.isfinite(zmax), zmax, 0)  # an all -inf row: shifted by 0, as in logsumexp
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 def softmax(z, axis=-1):

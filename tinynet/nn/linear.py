@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .init import uniform_fan_in
 from .module import Module, Parameter
-from .validation import check_input
+from .validation import check_grad, check_input
 
 __all__ = ["linear_forward", "linear_backward", "Linear"]
 
@@ -64,6 +64,7 @@ class Linear(Module):
 
     def backward(self, dout):
         cache, lead = self._saved_for_backward()
+        check_grad(self, dout, lead + (self.out_features,), cache[1].dtype)
         dx, dw, db = linear_backward(dout.reshape(-1, self.out_features), cache, need_dx=self.input_grad)
         self.weight.accumulate_grad(dw)
         if db is not None:

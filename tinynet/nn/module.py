@@ -378,12 +378,20 @@ class Module:
             lines.append("  (pass strict=False to load the keys that fit)")
             raise StateDictError("\n".join(lines))
 
+        converted = []  # every value first, so that one that cannot be converted leaves the module untouched
         for key, m, name, kind, value, current in fits:
             xp = backend.get_array_module(current)
-            if backend.is_cupy_array(current):
-                new = xp.asarray(value, dtype=current.dtype)
-            else:
-                new = np.array(backend.to_numpy(value), dtype=current.dtype, copy=True)
+            try:
+                if backend.is_cupy_array(current):
+                    new = xp.asarray(value, dtype=current.dtype)
+                else:
+                    new = np.array(backend.to_numpy(value), dtype=current.dtype, copy=True)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"load_state_dict into {type(self).__name__}: {key!r} holds "
+                                 f"{getattr(value, 'dtype', type(value).__name__)} values that cannot become "
+                                 f"{current.dtype} ({error}); nothing was loaded") from None
+            converted.append((m, name, kind, new))
+        for m, name, kind, new in converted:
             if kind == "param":
                 m._parameters[name].data = new
             else:

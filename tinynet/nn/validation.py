@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_input", "check_float"]
+__all__ = ["check_input", "check_float", "check_grad"]
 
 
 def check_float(layer, x, what: str = "input") -> None:
@@ -35,3 +35,17 @@ def check_input(layer, x, expected: str, ndim, channels=None, channel_axis: int 
                 f"cast the input or call model.to(dtype=...)"
             )
         break
+
+
+def check_grad(layer, dout, shape, dtype) -> None:
+    """Check that the upstream gradient ``dout`` has the shape and dtype of the forward's output.
+
+    Catches ``model.backward(loss)`` (the loss, where ``loss_fn.backward()``
+    belongs) before NumPy fails somewhere deeper, or broadcasts it silently.
+    """
+    got_shape, got_dtype = tuple(getattr(dout, "shape", ())), getattr(dout, "dtype", type(dout).__name__)
+    if got_shape != tuple(shape) or got_dtype != dtype:
+        raise ValueError(
+            f"{layer._describe()}: backward expected dL/d(output) of shape {tuple(shape)} and dtype {dtype}, like "
+            f"the forward's output, received {got_shape} {got_dtype}; pass loss_fn.backward(), not the loss"
+        )

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..nn.module import Parameter
+from ..nn.module import Module, Parameter
 
 __all__ = ["Optimizer"]
 
@@ -34,9 +34,10 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict):
         name = type(self).__name__
-        if isinstance(params, Parameter):
+        if isinstance(params, (Parameter, Module)):
+            what = "a single Parameter" if isinstance(params, Parameter) else f"the {type(params).__name__} itself"
             raise TypeError(f"{name}: params must be an iterable of Parameters (e.g. model.parameters()), "
-                            f"got a single Parameter")
+                            f"got {what}")
         groups = list(params)
         if not groups:
             raise ValueError(f"{name}: got an empty parameter list; pass model.parameters() of a model "
@@ -79,7 +80,9 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            # A schedule, or code that sets group["lr"], can make it what the constructor refuses.
+            _check_number(f"{type(self).__name__}.step, group {i}", "lr", group["lr"])
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -13,28 +13,35 @@ so loading one never runs code) holding
 
 It is written to a temporary file in the same folder, flushed to disk and
 renamed over the old one (:func:`tinynet.io.files.atomic_write`): a crash,
-a kill or a full disk while saving leaves the previous checkpoint intact.
-A truncated file, a file that is not a checkpoint, or one for another model
-is refused with the reason.
+a kill or a full disk while saving leaves the previous checkpoint intact,
+and a failed write raises :class:`CheckpointWriteError` saying so.
+It is read back through :func:`tinynet.io.load_weights`, under its limits, so
+a checkpoint from elsewhere cannot claim gigabytes it does not hold.  A
+truncated file, a file that is not a checkpoint, or one for another model or
+another run is refused with the reason.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-import zipfile
 
 import numpy as np
 
 from .. import backend
+from ..io import WeightsFileError, load_weights
 from ..io.files import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointWriteError", "FORMAT"]
 
 FORMAT = "tinynet-checkpoint-1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, truncated, or made for another model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a vanished folder); the file there is unchanged."""
 
 
 def _jsonable(value):
@@ -79,32 +86,45 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, *, epoch: int, 
         "extra": _jsonable(extra or {}),
     }
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
+    try:
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
+    except OSError as error:
+        where = f"epoch {epoch}" if batch == 0 else f"epoch {epoch + 1} after {batch} batches"
+        raise CheckpointWriteError(
+            error.errno, f"could not write the checkpoint of {where} to {path} "
+                         f"({error.strerror or error}); the file there, if any, is unchanged") from error
     return path
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) -> dict:
     """Restore ``model`` (and optimizer and scheduler) from ``path``; return the JSON metadata.
 
     The model must have exactly the checkpoint's keys and shapes; otherwise
-    nothing is loaded and :class:`CheckpointError` says what differs.
+    nothing is loaded and :class:`CheckpointError` says what differs.  So
+    must every entry of ``expect`` that the checkpoint's ``extra`` also has
+    (``{"classes": [...], "seed": 42}``: the run being resumed must be the same).
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-                              f"it may be truncated or not a tinynet checkpoint") from None
+        arrays = dict(load_weights(path))  # no pickles, and no more memory than the file can fill
+    except (WeightsFileError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); it may be truncated or not a "
+                              f"tinynet checkpoint") from None
     try:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     except (KeyError, ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not a tinynet checkpoint (no readable __meta__ entry)") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
+    saved = meta.get("extra") or {}
+    for key, value in _jsonable(dict(expect or {})).items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(f"checkpoint {path} belongs to another run: its {key} is {saved[key]!r}, this "
+                                  f"run's is {value!r}; start a new run in another folder, or without resuming")
 
     state = {key[len("model/"):]: value for key, value in arrays.items() if key.startswith("model/")}
     try:

@@ -18,10 +18,13 @@ loss and the correct count are summed on the device and read back once per
 Non-finite losses: with ``on_nan="stop"`` (default) the run stops with
 :class:`NonFiniteLossError`, naming the epoch and the batch; the last
 checkpoint on disk is the one from the end of the previous epoch, written
-before anything went wrong.  With ``on_nan="skip"`` the step of a batch whose
-loss is not finite is skipped (no parameter changes) and counted; this needs
-the loss on the host every batch, which costs a device synchronisation per
-batch on the GPU.
+before anything went wrong.  A NaN gradient behind a finite loss is caught
+when the checkpoint is about to be written: the parameters are checked
+first, and :class:`NonFiniteParametersError` stops the run instead of
+overwriting the last good checkpoint.  With ``on_nan="skip"`` the step of a
+batch whose loss is not finite is skipped (no parameter changes) and counted;
+this needs the loss on the host every batch, which costs a device
+synchronisation per batch on the GPU.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from .. import backend
 from ..nn.module import no_grad
 from .checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["fit", "evaluate", "predict", "EpochStats", "History", "NonFiniteLossError", "TrainingInterrupted"]
+__all__ = ["fit", "evaluate", "predict", "EpochStats", "History", "NonFiniteLossError", "NonFiniteParametersError",
+           "TrainingInterrupted"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +52,21 @@ class NonFiniteLossError(RuntimeError):
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         super().__init__(f"loss became {value} in epoch {epoch + 1}, batch {batch + 1}; training stopped "
                          f"({where}). Lower the learning rate, or pass on_nan='skip' to skip such batches.")
+
+
+class NonFiniteParametersError(NonFiniteLossError):
+    """A parameter or buffer became NaN or infinite behind finite losses (a gradient was not finite).
+
+    Raised before a checkpoint would be written, so that the file keeps the
+    last finite state.
+    """
+
+    def __init__(self, epoch: int, key: str, checkpoint=None):
+        self.epoch, self.batch, self.value, self.checkpoint, self.key = epoch, None, float("nan"), checkpoint, key
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        RuntimeError.__init__(self, f"the model's {key} is not finite in epoch {epoch + 1}, although every loss "
+                                    f"was finite (a gradient was NaN or infinite); training stopped without saving "
+                                    f"({where}). Lower the learning rate.")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -226,14 +245,25 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be at least 1, got {epochs}")
-    device = backend.normalize_device(device)
+    device = backend.check_device(device)  # "cuda" without a GPU fails here, before any work
+    if model.device != device:
+        raise ValueError(f"fit(device={device!r}): the model is on {model.device}; call model.to({device!r}) first")
+    if len(train_loader) == 0:
+        raise ValueError("fit: the training loader yields no batches (no images, or drop_last with fewer images "
+                         "than one batch)")
+    own = {id(p) for p in model.parameters()}
+    if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("fit: the optimizer holds none of the model's parameters, so training would change "
+                         "nothing; build it from this model, e.g. optim.Adam(model.parameters())")
     log = log or (lambda *a, **k: None)
     checkpoint_path = pathlib.Path(checkpoint_path) if checkpoint_path else None
     history = History()
     start_epoch, start_batch = 0, 0
     saved_partial = None  # running sums of an epoch interrupted by Ctrl-C
+    if resume and checkpoint_path and not checkpoint_path.exists():
+        log(f"no checkpoint at {checkpoint_path} to resume from: starting at epoch 1")
     if resume and checkpoint_path and checkpoint_path.exists():
-        meta = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        meta = load_checkpoint(checkpoint_path, model, optimizer, scheduler, expect=extra)
         history = History.from_dict(meta.get("history"))
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         saved_partial = meta["extra"].get("_partial_epoch") if start_batch else None
@@ -254,22 +284,22 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         try:
             _train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, log_every=log_every,
                          on_nan=on_nan, progress=progress, state=state, checkpoint=last_good)
+            seconds = time.perf_counter() - started
+            val = evaluate(model, val_loader, loss_fn, device) if val_loader is not None else None
         except KeyboardInterrupt:
-            # Ctrl-C: save where we are (the model after state["batch"] batches of this epoch), then stop.
+            # Ctrl-C: save where we are (the model after state["batch"] batches of this epoch; during the
+            # validation that is all of them, and resuming runs the validation again), then stop.
             if checkpoint_path is None:
                 raise TrainingInterrupted(None, epoch, state["batch"]) from None
             extra["_partial_epoch"] = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
                                        "seen": state["seen"], "skipped": state["skipped"]}
-            with _ignoring_sigint():
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch, batch=state["batch"],
-                                history=history.to_dict(), extra=extra)
+            _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch, batch=state["batch"],
+                            history=history.to_dict(), extra=extra, last_good=last_good)
             raise TrainingInterrupted(checkpoint_path, epoch, state["batch"]) from None
         extra.pop("_partial_epoch", None)
         loss_sum, correct, seen, skipped = float(state["loss_sum"]), int(state["correct"]), state["seen"], \
             state["skipped"]
         start_batch = 0
-        seconds = time.perf_counter() - started
-        val = evaluate(model, val_loader, loss_fn, device) if val_loader is not None else None
         stats = EpochStats(
             epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
             val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
@@ -283,11 +313,25 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
             f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
         if checkpoint_path is not None:
-            with _ignoring_sigint():
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
-                                history=history.to_dict(), extra=extra)
+            _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
+                            history=history.to_dict(), extra=extra, last_good=last_good)
             last_good = checkpoint_path
     return history
+
+
+def _save_if_finite(path, model, optimizer, scheduler, *, epoch, batch=0, history, extra, last_good):
+    """:func:`save_checkpoint`, unless the model holds a NaN or an infinity: that must not replace ``last_good``.
+
+    The loss check catches most divergences; this one catches a non-finite
+    gradient behind a finite loss.  One read-back per array, once per epoch.
+    """
+    for key, value in model.state_dict().items():
+        xp = backend.get_array_module(value)
+        if np.issubdtype(value.dtype, np.floating) and not bool(xp.isfinite(value).all()):
+            # batch 0: ``epoch`` epochs are complete, the last of them (0-based) is epoch - 1
+            raise NonFiniteParametersError(epoch - 1 if batch == 0 else epoch, key, last_good)
+    with _ignoring_sigint():
+        save_checkpoint(path, model, optimizer, scheduler, epoch=epoch, batch=batch, history=history, extra=extra)
 
 
 class _ignoring_sigint:

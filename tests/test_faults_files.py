@@ -1,0 +1,171 @@
+"""Fault injection, untrusted files: loading weights or a checkpoint never runs code and never over-allocates.
+
+tests/test_io.py holds the hostile .pth, .npz and .safetensors files
+(__reduce__ payloads with GLOBAL and STACK_GLOBAL, every other global, zip
+bombs, oversized pickles and safetensors headers, truncation).  This file
+proves the rules over the source tree (every np.load passes
+allow_pickle=False; nothing unpickles outside the restricted reader), adds
+payloads that test_io does not build (protocol 0's INST opcode, a bare pickle
+under an .npz name, pickled objects inside a checkpoint, a .pth posing as a
+checkpoint), two oversized headers, and hostile --pretrained files given to
+the command line.
+"""
+import ast
+import json
+import pathlib
+import pickle
+import re
+import zipfile
+
+import numpy as np
+import pytest
+
+import tinynet
+from tinynet.io import UnsafeFileError, WeightsFileError, WeightsLimitError, load_weights
+from tinynet.models import simple_cnn
+from tinynet.train import CheckpointError, load_checkpoint
+
+from fault_inject import call_main, image_folder
+from test_io import _patch_declared_size, _RunsCommand, _write_pth
+
+PACKAGE = pathlib.Path(tinynet.__file__).resolve().parent
+
+
+def dotted(node) -> str:
+    """``np.lib.format.read_array`` for the expression naming a called function; "" when it is not a name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def calls_in_package():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Call):
+                yield path.relative_to(PACKAGE.parent), node
+
+
+def test_every_np_load_in_tinynet_passes_allow_pickle_false():
+    loads = [(path, node) for path, node in calls_in_package()
+             if dotted(node.func).split(".")[0] in ("np", "numpy")
+             and dotted(node.func).rsplit(".", 1)[-1] in ("load", "read_array")]
+    assert loads, "the scan found no np.load at all: it no longer sees the readers"
+    for path, node in loads:
+        flags = [k.value for k in node.keywords if k.arg == "allow_pickle"]
+        assert len(flags) == 1 and isinstance(flags[0], ast.Constant) and flags[0].value is False, \
+            f"{path}:{node.lineno}: {dotted(node.func)} without allow_pickle=False"
+
+
+def test_nothing_in_tinynet_unpickles_or_evaluates_outside_the_restricted_reader():
+    forbidden = {"pickle.load", "pickle.loads", "pickle.Unpickler", "pickle._Unpickler", "pickle._load",
+                 "pickle._loads", "torch.load", "marshal.loads", "shelve.open", "eval", "exec", "joblib.load",
+                 "dill.load", "dill.loads"}
+    found = [f"{path}:{node.lineno}: {dotted(node.func)}" for path, node in calls_in_package()
+             if dotted(node.func) in forbidden]
+    assert found == []
+    # The one unpickler is a subclass that overrides find_class, the door every global passes through.
+    subclasses = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any("Unpickler" in dotted(base) for base in node.bases):
+                methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+                subclasses.append((path.name, node.name, "find_class" in methods))
+    assert subclasses == [("pth.py", "StateDictUnpickler", True)]
+
+
+def test_inst_opcode_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    # Protocol 0: MARK, the argument, then INST os.system, which calls os.system(argument) when read.
+    payload = b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n."
+    path = _write_pth(tmp_path / "evil.pth", data_pkl=payload, storages={})
+    with pytest.raises(UnsafeFileError, match=r"refused global 'os\.system'"):
+        load_weights(path)
+    assert not marker.exists()
+
+
+def test_bare_pickle_payload_named_like_an_npz_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.npz"
+    path.write_bytes(pickle.dumps({"weight": _RunsCommand(f"touch {marker}")}, protocol=2))
+    with pytest.raises(WeightsFileError, match="a bare pickle"):
+        load_weights(path)
+    with pytest.raises(CheckpointError, match="a bare pickle"):
+        load_checkpoint(path, simple_cnn(2, image_size=16))
+    assert not marker.exists()
+
+
+def test_checkpoint_holding_pickled_objects_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.npz"
+    meta = np.frombuffer(json.dumps({"format": "tinynet-checkpoint-1"}).encode(), np.uint8)
+    np.savez(path, __meta__=meta, **{"model/0.weight": np.array([_RunsCommand(f"touch {marker}")], dtype=object)})
+    with pytest.raises(CheckpointError, match=r"dtype object \(Python objects\)"):
+        load_checkpoint(path, simple_cnn(2, image_size=16))
+    assert not marker.exists()
+
+
+def test_pth_with_a_payload_posing_as_a_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"__meta__": _RunsCommand(f"touch {marker}")}, protocol=2)
+    path = _write_pth(tmp_path / "checkpoint.npz", data_pkl=payload, storages={})
+    with pytest.raises(CheckpointError, match=r"refused global '(posix|nt|os)\.system'"):
+        load_checkpoint(path, simple_cnn(2, image_size=16))
+    assert not marker.exists()
+
+
+def test_npz_member_with_an_oversized_npy_header_is_refused(tmp_path):
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), " + " " * 1_000_000 + "}"
+    header += " " * (-(len(header) + 13) % 64) + "\n"
+    member = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header.encode() + bytes(4)
+    with zipfile.ZipFile(tmp_path / "big-header.npz", "w") as zf:
+        zf.writestr("w.npy", member)
+    with pytest.raises(WeightsFileError, match=r"'w\.npy' is not a readable \.npy array \(Header info length"):
+        load_weights(tmp_path / "big-header.npz")
+
+
+def test_safetensors_header_nested_a_million_deep_is_refused(tmp_path):
+    header = b'{"a": ' + b"[" * 1_000_000 + b"]" * 1_000_000 + b"}"  # valid JSON, too deep to parse
+    (tmp_path / "deep.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(WeightsFileError, match="not valid UTF-8 JSON"):
+        load_weights(tmp_path / "deep.safetensors")
+
+
+# ---------------------------------------------------------------------------
+# Hostile --pretrained files given to the command line
+# ---------------------------------------------------------------------------
+def _evil_pth(tmp_path, marker):
+    payload = pickle.dumps({"conv1.weight": _RunsCommand(f"touch {marker}")}, protocol=2)
+    return _write_pth(tmp_path / "resnet18.pth", data_pkl=payload, storages={})
+
+
+def _bomb_npz(tmp_path, marker):
+    path = tmp_path / "resnet18.npz"
+    np.savez(path, a=np.zeros(4, np.float32), b=np.zeros(4, np.float32))
+    for member in ("a.npy", "b.npy"):  # 2 x 4 GiB declared
+        _patch_declared_size(path, member, 0xFFFFFFF0)
+    return path
+
+
+def _giant_header_safetensors(tmp_path, marker):
+    path = tmp_path / "resnet18.safetensors"
+    path.write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (_evil_pth, r"refused global '(posix|nt|os)\.system'"),
+    (_bomb_npz, "more than the limit of 4294967296 bytes"),
+    (_giant_header_safetensors, r"header length 1000000000000 bytes .* exceeds the limit"),
+], ids=["reduce payload .pth", "zip bomb .npz", "giant header .safetensors"])
+def test_cli_hostile_pretrained_file_is_one_line_exit_2_and_nothing_runs(tmp_path, capsys, make, message):
+    marker = tmp_path / "pwned"
+    weights = make(tmp_path, marker)
+    data = image_folder(tmp_path / "data")
+    status, _, err = call_main(capsys, "resnet", "--data", data, "--out", tmp_path / "out", "--pretrained", weights,
+                               "--image-size", "16", "--no-progress")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot load pretrained weights {str(weights)!r}" in err
+    assert re.search(message, err), err
+    assert not marker.exists() and not (tmp_path / "out" / "checkpoint.npz").exists()
