@@ -171,3 +171,19 @@ def test_state_dict_with_values_that_are_not_numbers_names_the_key_and_loads_not
         layer.load_state_dict({"weight": np.zeros((2, 2)), "bias": np.array(["a", "b"])})
     np.testing.assert_array_equal(layer.weight.data, before[0])  # the weight, which did fit, is unchanged too
     np.testing.assert_array_equal(layer.bias.data, before[1])
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+    (lambda: nn.MaxPool2d(2), (2, 3, 6, 6)),
+    (lambda: nn.AvgPool2d(2), (2, 3, 6, 6)),
+    (lambda: nn.AdaptiveAvgPool2d(1), (2, 3, 6, 6)),
+    (lambda: nn.BatchNorm2d(3), (2, 3, 6, 6)),
+    (lambda: nn.ReLU(), (2, 3)),
+    (lambda: nn.Softmax(1), (2, 3)),
+])
+def test_backward_given_the_loss_instead_of_its_gradient_names_the_layer(make, shape):
+    layer = make()
+    layer(np.ones(shape, np.float32))
+    with pytest.raises(ValueError, match=r"backward expected dL/d\(output\) of shape .*pass loss_fn.backward\(\)"):
+        layer.backward(np.float32(1.0))

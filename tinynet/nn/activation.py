@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import backend, kernels
 from .functional import softmax
 from .module import Module
-from .validation import check_float
+from .validation import check_float, check_grad
 
 __all__ = ["relu_forward", "relu_backward", "ReLU", "Softmax"]
 
@@ -58,6 +58,7 @@ class ReLU(Module):
 
     def backward(self, dout):
         (y,) = self._saved_for_backward()
+        check_grad(self, dout, y.shape, y.dtype)
         return relu_backward(dout, y)
 
 
@@ -89,4 +90,5 @@ class Softmax(Module):
 
     def backward(self, dout):
         (y,) = self._saved_for_backward()
+        check_grad(self, dout, y.shape, y.dtype)
         return y * (dout - (dout * y).sum(axis=self.dim, keepdims=True))

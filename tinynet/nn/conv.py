@@ -50,7 +50,7 @@ from .. import backend, kernels
 from .init import uniform_fan_in
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .module import Module, Parameter, is_grad_enabled
-from .validation import check_input
+from .validation import check_grad, check_input
 
 __all__ = ["conv_output_size", "pair", "kernel_offsets", "im2col", "col2im", "conv2d_forward", "conv2d_backward",
            "Conv2d"]
@@ -265,7 +265,7 @@ class Conv2d(Module):
             )
         b = self.bias.data if self.bias is not None else None
         out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self._col_buffer(x))
-        self._save_for_backward(cache)
+        self._save_for_backward(cache, out.shape)
         return out
 
     def _col_buffer(self, x):
@@ -292,7 +292,8 @@ class Conv2d(Module):
         return buf
 
     def backward(self, dout):
-        (cache,) = self._saved_for_backward()
+        cache, out_shape = self._saved_for_backward()
+        check_grad(self, dout, out_shape, self.weight.dtype)
         dx, dw, db = conv2d_backward(dout, cache, need_dx=self.input_grad)
         self.weight.accumulate_grad(dw)
         if db is not None:

@@ -38,7 +38,7 @@ import numpy as np
 from .. import backend, kernels
 from .layout import channel_matrix, from_channel_matrix
 from .module import Module, Parameter
-from .validation import check_input
+from .validation import check_grad, check_input
 
 __all__ = [
     "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward_train",
@@ -169,14 +169,15 @@ class _BatchNorm(Module):
             y2, mean, var, cache = batch_norm_forward_train(x2, gamma, beta, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, m)
-            self._save_for_backward("train", cache)
+            self._save_for_backward("train", cache, x.shape, x.dtype)
         else:
             y2, cache = batch_norm_forward_eval(x2, gamma, beta, self.running_mean, self.running_var, self.eps)
-            self._save_for_backward("eval", cache)
+            self._save_for_backward("eval", cache, x.shape, x.dtype)
         return from_channel_matrix(y2, x.shape)
 
     def backward(self, dout):
-        mode, cache = self._saved_for_backward()
+        mode, cache, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
         dy2 = channel_matrix(dout)
         if mode == "train":
             dx2, dgamma, dbeta = batch_norm_backward_train(dy2, cache)

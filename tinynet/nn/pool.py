@@ -43,7 +43,7 @@ from .. import backend, kernels
 from .conv import conv_output_size, kernel_offsets, pair
 from .layout import from_chwn, to_chwn
 from .module import Module
-from .validation import check_input
+from .validation import check_grad, check_input
 
 __all__ = [
     "max_pool2d_forward", "max_pool2d_backward",
@@ -222,11 +222,12 @@ class _Pool2d(Module):
         check_input(self, x, "(N, C, H, W)", 4)
         _check_window(self, x, self.kernel_size, self.padding)
         out, cache = type(self)._forward_fn(x, self.kernel_size, self.stride, self.padding, **self._options())
-        self._save_for_backward(cache)
+        self._save_for_backward(cache, out.shape, out.dtype)
         return out
 
     def backward(self, dout):
-        (cache,) = self._saved_for_backward()
+        cache, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
         return type(self)._backward_fn(dout, cache)
 
     def _options(self) -> dict:
@@ -270,9 +271,10 @@ class AdaptiveAvgPool2d(Module):
     def forward(self, x):
         check_input(self, x, "(N, C, H, W)", 4)
         out, cache = adaptive_avg_pool2d_forward(x, self.output_size)
-        self._save_for_backward(cache)
+        self._save_for_backward(cache, out.shape, out.dtype)
         return out
 
     def backward(self, dout):
-        (cache,) = self._saved_for_backward()
+        cache, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
         return adaptive_avg_pool2d_backward(dout, cache)
