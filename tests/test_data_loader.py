@@ -148,3 +148,13 @@ def test_invalid_arguments_say_what_was_expected(dataset):
         DataLoader(dataset, augment_copy=True)
     with pytest.raises(ValueError, match="batch_size >= 1"):
         DataLoader(dataset, batch_size=0)
+
+
+def test_throughput_counts_images_per_second_and_leaves_the_epoch_and_no_thread(dataset):
+    loader = DataLoader(dataset, batch_size=8, shuffle=True, batch_transform=random_crop_flip_batch, prefetch=2)
+    loader.set_epoch(3)
+    assert loader.throughput(batches=4) > 0
+    assert loader.epoch == 3 and loader_threads() == []
+    assert loader.throughput(batches=100) > 0  # more batches than an epoch has: the whole epoch
+    with pytest.raises(ValueError, match="at least 1"):
+        loader.throughput(batches=0)

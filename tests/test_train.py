@@ -181,3 +181,44 @@ def test_fit_argument_errors():
         fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=1, on_nan="ignore")
     with pytest.raises(ValueError, match="epochs"):
         fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=0)
+
+
+def test_time_budget_stops_at_the_end_of_the_last_epoch_that_fits(tmp_path):
+    model, opt, train, val = setup()
+    lines = []
+    history = fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=5, checkpoint_path=tmp_path / "ckpt.npz",
+                  progress=False, log=lines.append, time_budget=1e-6)  # one epoch always runs
+    assert len(history.epochs) == 1 and "time budget: stopping after epoch 1 of 5" in lines[-1]
+    assert load_checkpoint(tmp_path / "ckpt.npz", simple_cnn(2, image_size=16))["epoch"] == 1
+    model, opt, train, val = setup()
+    history = fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=2, progress=False, log=None,
+                  time_budget=3600)
+    assert len(history.epochs) == 2
+    with pytest.raises(ValueError, match="time_budget must be a positive number"):
+        fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=1, progress=False, log=None, time_budget=0)
+
+
+class FixedLogits:
+    """A stand-in model whose logits are the batch itself."""
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, x):
+        return x
+
+
+def test_evaluate_reports_top5_accuracy_with_more_than_five_classes():
+    logits = np.array([[9, 8, 7, 6, 5, 0, 1],      # label 4: fifth largest, in the top 5
+                       [9, 8, 7, 6, 5, 0, 1],      # label 6: sixth largest, out
+                       [0, 1, 2, 3, 4, 5, 6]], dtype=np.float32)  # label 6: the largest
+    result = evaluate(FixedLogits(), [(logits, np.array([4, 6, 6]))])
+    assert result["accuracy"] == pytest.approx(1 / 3) and result["top5_accuracy"] == pytest.approx(2 / 3)
+    assert evaluate(FixedLogits(), [(logits[:, :5], np.array([4, 0, 1]))])["top5_accuracy"] is None
+    model, opt, train, val = setup()
+    history = fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=1, progress=False, log=None)
+    assert history.epochs[0].val_top5 is None  # two classes

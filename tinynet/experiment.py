@@ -40,7 +40,8 @@ from .models import resnet18, simple_cnn
 from .random import manual_seed
 from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
 
-__all__ = ["build_parser", "main", "run", "UsageError"]
+__all__ = ["build_parser", "main", "run", "UsageError", "CommandLineParser", "check_device", "check_output_folder",
+           "hardware", "run_command"]
 
 DIGITS_NOTE = ("no --data given: using scikit-learn's bundled handwritten digits (1,797 images, 10 classes) "
                "rendered to {size}x{size} RGB, so that the script runs out of the box. Point it at real "
@@ -51,14 +52,16 @@ class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2 (argparse would print the usage first)
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line and exit status 2 (argparse would print the usage first)."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(model: str) -> argparse.ArgumentParser:
     what = "the assignment's small CNN" if model == "cnn" else "ResNet18 (torchvision layout, head 512-512-classes)"
-    parser = _Parser(prog=f"train_{model}.py",
+    parser = CommandLineParser(prog=f"train_{model}.py",
                      description=f"Train {what} on a folder of images with tinynet, as in the assignment: "
                                  f"70/20/10 stratified split, 64x64 images normalised with mean and std 0.5, "
                                  f"Adam, cross-entropy; test accuracy and weighted F1 at the end.")
@@ -94,6 +97,33 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str) -> str:
+    """``device`` normalised ("cpu" or "cuda"); a :class:`UsageError` when it is unknown or has no GPU."""
+    try:
+        return backend.check_device(device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+
+
+def check_output_folder(path) -> pathlib.Path:
+    """Create the folder ``path`` if needed and make sure a file can be written in it."""
+    out = pathlib.Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
+    return out
+
+
+def hardware(device: str) -> dict:
+    """What a run's numbers were measured on, for its metrics file."""
+    return {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
 def _check_args(args, model: str) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
@@ -105,23 +135,13 @@ def _check_args(args, model: str) -> None:
         raise UsageError(f"--limit must be a positive number of images per class, got {args.limit}")
     if not (args.lr > 0 and np.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
-    try:
-        args.device = backend.check_device(args.device)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(str(error)) from None
+    args.device = check_device(args.device)
     if args.data is not None and not pathlib.Path(args.data).is_dir():
         raise UsageError(f"data folder {args.data!r} does not exist or is not a folder")
     pretrained = getattr(args, "pretrained", None)
     if pretrained is not None and not pathlib.Path(pretrained).is_file():
         raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
-    out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
+    check_output_folder(args.out)
 
 
 def _limit_per_class(labels, limit):
@@ -261,8 +281,7 @@ def run(model: str, args, log=print) -> dict:
                  "loss": test["loss"], "per_class": metrics["per_class"],
                  "confusion_matrix": metrics["confusion_matrix"]},
         "figures": figures,
-        "hardware": {"device": args.device, "cpu": platform.processor() or platform.machine(),
-                     "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+        "hardware": hardware(args.device),
         "wall_seconds": time.time() - started,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
@@ -274,22 +293,26 @@ def run(model: str, args, log=print) -> dict:
 
 
 def main(model: str, argv=None) -> int:
-    """Command-line entry point; returns the exit status.
+    """Command-line entry point; returns the exit status."""
+    parser = build_parser(model)
+    args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: run(model, args))
+
+
+def run_command(prog: str, job) -> int:
+    """Call ``job()`` and turn the errors a user can cause into a message and an exit status.
 
     0: done; 2: bad input (:class:`UsageError`, an unusable checkpoint), one
     line on stderr; 1: the loss became NaN, or a file could not be written (a
     full disk); 130: Ctrl-C, after the checkpoint was saved.
     """
-    parser = build_parser(model)
-    args = parser.parse_args(argv)
-    prog = parser.prog
     # A file name that is not valid UTF-8 (or not in the terminal's encoding) is printed with escapes
     # rather than stopping the run with a UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        run(model, args)
+        job()
     except (UsageError, CheckpointError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

@@ -89,6 +89,7 @@ class EpochStats:
     images_per_second: float
     lr: float
     skipped_batches: int = 0
+    val_top5: float | None = None  # with more than 5 classes
 
 
 @dataclasses.dataclass
@@ -125,11 +126,13 @@ def evaluate(model, loader, loss_fn=None, device: str = "cpu", progress: bool = 
     """Loss, accuracy, predictions and labels of ``model`` over ``loader`` (evaluation mode, no caches).
 
     Returns a dict with ``loss`` (mean per image, or None without ``loss_fn``),
-    ``accuracy``, ``predictions`` and ``labels`` (NumPy int64 arrays).
+    ``accuracy``, ``top5_accuracy`` (the label among the five largest logits;
+    None with 5 classes or fewer, where it is always 1), ``predictions`` and
+    ``labels`` (NumPy int64 arrays).
     """
     was_training = model.training
     model.eval()
-    xp_loss, preds, labels = 0.0, [], []
+    xp_loss, preds, top5, labels = 0.0, [], [], []
     count = 0
     bar = _progress(len(loader), desc, progress)
     try:
@@ -139,6 +142,9 @@ def evaluate(model, loader, loss_fn=None, device: str = "cpu", progress: bool = 
                 if loss_fn is not None:
                     xp_loss = xp_loss + loss_fn(logits, y) * len(y)
                 preds.append(logits.argmax(axis=1))
+                if logits.shape[1] > 5:  # the five largest, in no particular order
+                    xp = backend.get_array_module(logits)
+                    top5.append(xp.argpartition(logits, -5, axis=1)[:, -5:])
                 labels.append(np.asarray(y))
                 count += len(y)
                 bar.update(1)
@@ -149,9 +155,14 @@ def evaluate(model, loader, loss_fn=None, device: str = "cpu", progress: bool = 
         raise ValueError("evaluate: the loader yielded no batches")
     predictions = np.concatenate([backend.to_numpy(p) for p in preds]).astype(np.int64)
     labels = np.concatenate(labels).astype(np.int64)
+    top5_accuracy = None
+    if top5:
+        top5 = np.concatenate([backend.to_numpy(t) for t in top5])
+        top5_accuracy = float(np.mean((top5 == labels[:, None]).any(axis=1)))
     return {
         "loss": float(xp_loss) / count if loss_fn is not None else None,
         "accuracy": float(np.mean(predictions == labels)),
+        "top5_accuracy": top5_accuracy,
         "predictions": predictions,
         "labels": labels,
     }
@@ -222,7 +233,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
 
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
-        progress: bool = True, extra=None, log=print) -> History:
+        progress: bool = True, extra=None, log=print, time_budget: float | None = None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -240,11 +251,16 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     log_every : batches between read-backs of the running loss (progress bar updates).
     extra : JSON-able dict stored in every checkpoint (model name, classes, seed...).
     log : where the one-line epoch summaries go (``print``, or None for silence).
+    time_budget : seconds; after each epoch, stop (returning the history so far,
+        the checkpoint written) when another epoch as long as the longest one
+        so far would end past the budget, counted from this call's start.
     """
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
     if epochs < 1:
         raise ValueError(f"fit: epochs must be at least 1, got {epochs}")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"fit: time_budget must be a positive number of seconds, got {time_budget}")
     device = backend.check_device(device)  # "cuda" without a GPU fails here, before any work
     if model.device != device:
         raise ValueError(f"fit(device={device!r}): the model is on {model.device}; call model.to({device!r}) first")
@@ -271,6 +287,7 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         log(f"resumed from {checkpoint_path}: continuing at {where} of {epochs}")
     extra = dict(extra or {})
     last_good = checkpoint_path if (checkpoint_path and checkpoint_path.exists()) else None
+    fit_started, longest_epoch = time.perf_counter(), 0.0
 
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader, "set_epoch"):
@@ -304,11 +321,14 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
             epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
             val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
             seconds=seconds, images_per_second=(seen - state["seen_at_start"]) / max(seconds, 1e-9),
-            lr=float(optimizer.param_groups[0]["lr"]), skipped_batches=skipped)
+            lr=float(optimizer.param_groups[0]["lr"]), skipped_batches=skipped,
+            val_top5=val["top5_accuracy"] if val else None)
         history.epochs.append(stats)
         if scheduler is not None:
             scheduler.step()
         val_text = f"  val loss {stats.val_loss:.4f}  val acc {stats.val_acc:.4f}" if val else ""
+        if stats.val_top5 is not None:
+            val_text += f"  top-5 {stats.val_top5:.4f}"
         skip_text = f"  skipped {skipped} non-finite batches" if skipped else ""
         log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
             f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
@@ -316,6 +336,12 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
             _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
                             history=history.to_dict(), extra=extra, last_good=last_good)
             last_good = checkpoint_path
+        elapsed = time.perf_counter() - fit_started
+        longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
+        if time_budget is not None and epoch + 1 < epochs and elapsed + longest_epoch > time_budget:
+            log(f"time budget: stopping after epoch {epoch + 1} of {epochs}; another epoch (up to "
+                f"{longest_epoch:.0f} s) would end past the budget of {time_budget:.0f} s ({elapsed:.0f} s used)")
+            break
     return history
 
 
