@@ -229,6 +229,10 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
                                 acc=f"{float(state['correct']) / seen:.3f}", img_s=f"{rate:.0f}")
     finally:
         bar.close()
+        # Stop the loader's threads now: on an exception the traceback keeps this frame, and with it
+        # the iterator, alive, and its threads would go on preparing batches nobody takes.
+        if hasattr(iterator, "close"):
+            iterator.close()
 
 
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
