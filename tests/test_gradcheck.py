@@ -17,7 +17,7 @@ class BatchNormWithoutMeanPath(nn.BatchNorm2d):
     """A classic bug: dx = gamma/sigma * dy, forgetting that mu and var depend on x."""
 
     def backward(self, dout):
-        mode, (xhat, gamma, inv_std) = self._saved_for_backward()
+        mode, (xhat, gamma, inv_std), _, _ = self._saved_for_backward()
         dy2 = channel_matrix(dout)
         self.weight.accumulate_grad((dy2 * xhat).sum(1))
         self.bias.accumulate_grad(dy2.sum(1))
