@@ -182,7 +182,7 @@ def test_state_dict_with_values_that_are_not_numbers_names_the_key_and_loads_not
     (lambda: nn.ReLU(), (2, 3)),
     (lambda: nn.Softmax(1), (2, 3)),
 ])
-def test_backward_given_the_loss_instead_of_its_gradient_names_the_layer(make, shape):
+def test_every_layer_refuses_the_loss_in_place_of_its_gradient(make, shape):
     layer = make()
     layer(np.ones(shape, np.float32))
     with pytest.raises(ValueError, match=r"backward expected dL/d\(output\) of shape .*pass loss_fn.backward\(\)"):

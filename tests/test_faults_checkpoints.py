@@ -10,7 +10,6 @@ validation pass, hostile checkpoint archives, and resuming another run's
 checkpoint.
 """
 import errno
-import os
 import signal
 import zipfile
 

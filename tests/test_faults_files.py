@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import tinynet
-from tinynet.io import UnsafeFileError, WeightsFileError, WeightsLimitError, load_weights
+from tinynet.io import UnsafeFileError, WeightsFileError, load_weights
 from tinynet.models import simple_cnn
 from tinynet.train import CheckpointError, load_checkpoint
 
