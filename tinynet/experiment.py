@@ -32,8 +32,8 @@ import time
 import numpy as np
 
 from . import backend, nn, optim
-from .data import (ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip, RandomRotation,
-                   digits_dataset, stratified_split)
+from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
+                   RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_weights
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
@@ -155,8 +155,6 @@ def load_dataset(args, log):
         log(DIGITS_NOTE.format(size=args.image_size))
         dataset = digits_dataset(size=args.image_size)
         if args.limit:
-            from .data import ArrayDataset
-
             keep = _limit_per_class(dataset.labels, args.limit)
             dataset = ArrayDataset(dataset.images(keep), dataset.labels[keep], dataset.classes)
         return dataset, "sklearn digits (rendered)"
