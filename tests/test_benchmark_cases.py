@@ -72,3 +72,73 @@ def test_a_layer_case_receives_chwn_inputs_and_gradients_on_the_device(moves_lik
     step = cases.tinynet_layer(make, (4, 3, 5, 5), chwn=True)("cpu")
     step()
     assert layers[0].seen and all(chwn for _, chwn in layers[0].seen), layers[0].seen
+
+
+# ---------------------------------------------------------------------------
+# TF32: set in both frameworks, recorded, refused on the CPU
+# ---------------------------------------------------------------------------
+def _fake_cupy_with_compute_types(monkeypatch):
+    """A stand-in for CuPy's cuBLAS compute-type switch (cupy._core._routines_linalg)."""
+    import sys
+    import types
+
+    state = {}
+    linalg = types.SimpleNamespace(
+        COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+        set_compute_type=lambda dtype, t: state.__setitem__(np.dtype(dtype), t),
+        get_compute_type=lambda dtype: state[np.dtype(dtype)],
+        compute_type_to_str=lambda t: {1: "COMPUTE_TYPE_DEFAULT", 7: "COMPUTE_TYPE_TF32"}[t])
+    cupy = types.ModuleType("cupy")
+    cupy.__version__ = "fake"
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = linalg
+    for name, module in (("cupy", cupy), ("cupy._core", core), ("cupy._core._routines_linalg", linalg)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+def _fake_torch():
+    import types
+
+    flags = types.SimpleNamespace
+    return flags(backends=flags(cuda=flags(matmul=flags(allow_tf32=None)), cudnn=flags(allow_tf32=None)))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_is_set_in_both_frameworks_and_read_back(monkeypatch, enabled):
+    from benchmarks import run
+
+    state = _fake_cupy_with_compute_types(monkeypatch)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    torch = _fake_torch()
+    settings = run.set_tf32(enabled, torch)
+    assert state[np.dtype(np.float32)] == (7 if enabled else 1)
+    assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled
+    assert settings == {"tf32": enabled, "cupy": "fake",
+                        "cupy_float32_compute_type": "COMPUTE_TYPE_TF32" if enabled else "COMPUTE_TYPE_DEFAULT",
+                        "torch_matmul_allow_tf32": enabled, "torch_cudnn_allow_tf32": enabled}
+    import os
+
+    assert os.environ["CUPY_TF32"] == ("1" if enabled else "0")
+
+
+def test_tf32_modes():
+    from benchmarks import run
+
+    assert run.tf32_modes("both", "cuda") == [False, True]
+    assert run.tf32_modes("on", "cuda") == [True]
+    assert run.tf32_modes("off", "cpu") == [False]
+    with pytest.raises(ValueError, match="TF32 exists only on the GPU"):
+        run.tf32_modes("on", "cpu")
+
+
+def test_cpu_rows_record_the_tf32_mode(tmp_path):
+    from benchmarks import run
+    import json
+
+    out = tmp_path / "b.json"
+    assert run.main(["--batch", "2", "--only", "Linear 2048", "--no-torch", "--no-memory", "--warmup", "1",
+                     "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["header"]["tf32_modes"] == [False] and [r["tf32"] for r in data["rows"]] == [False]
+    assert run.main(["--tf32", "on", "--json", str(out)]) == 2
