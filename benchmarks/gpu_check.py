@@ -285,22 +285,37 @@ def probe_env(device: str) -> dict:
         info["torch_cuda"] = torch.cuda.is_available()
     except ImportError:
         info["torch"] = None
-    if device == "cuda":
+    if device == "cuda":  # each item on its own: on a first run, one failing call must not hide the rest
         import cupy
 
-        started = time.perf_counter()
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        info.update(cupy=cupy.__version__, gpu=props["name"].decode(),
-                    memory_gib=round(props["totalGlobalMem"] / 2**30, 1),
-                    compute_capability=f"{props['major']}.{props['minor']}",
-                    cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), driver=cupy.cuda.runtime.driverGetVersion(),
-                    nvrtc=list(cupy.cuda.nvrtc.getVersion()),
-                    accelerators=os.environ.get("CUPY_ACCELERATORS", "(default)"))
-        x = cupy.arange(10, dtype=cupy.float32)
-        started = time.perf_counter()
-        float((x * 2 + 1).sum())  # one element-wise and one reduction kernel: compiled, or read from the cache
-        info["first_kernels_s"] = round(time.perf_counter() - started, 2)
+        runtime = cupy.cuda.runtime
+        info["cupy"] = cupy.__version__
+        info["accelerators"] = os.environ.get("CUPY_ACCELERATORS", "(default)")
+        items = {
+            "gpu": lambda: runtime.getDeviceProperties(0)["name"].decode(),
+            "memory_gib": lambda: round(runtime.getDeviceProperties(0)["totalGlobalMem"] / 2**30, 1),
+            "compute_capability": lambda: cupy.cuda.Device(0).compute_capability,
+            "cuda_runtime": runtime.runtimeGetVersion,
+            "driver": runtime.driverGetVersion,
+            "nvrtc": lambda: list(cupy.cuda.nvrtc.getVersion()),
+            "first_kernels_s": _first_kernels_seconds,
+        }
+        for key, read in items.items():
+            try:
+                info[key] = read()
+            except Exception as error:  # recorded, not raised
+                info[key] = f"error: {type(error).__name__}: {error}"
     return info
+
+
+def _first_kernels_seconds() -> float:
+    """Seconds for one element-wise and one reduction kernel: compiled, or read from CuPy's cache."""
+    import cupy
+
+    x = cupy.arange(10, dtype=cupy.float32)
+    started = time.perf_counter()
+    float((x * 2 + 1).sum())
+    return round(time.perf_counter() - started, 2)
 
 
 def probe_warmup(device: str) -> dict:
