@@ -332,9 +332,10 @@ def probe_warmup(device: str) -> dict:
     from tinynet.models import resnet18, simple_cnn
 
     size, batch = (64, 8) if device == "cuda" else (32, 2)
+    models = (("cnn", lambda: simple_cnn(10, image_size=size)), ("resnet18", lambda: resnet18(10)))
     timings = {}
     for dtype in ("float32", "float64"):
-        for label, make in (("cnn", lambda: simple_cnn(10, image_size=size)), ("resnet18", lambda: resnet18(10))):
+        for label, make in models if device == "cuda" else models[:1]:  # the dry run: the CNN is enough
             tinynet.manual_seed(0)
             model = make().to(device, dtype=np.dtype(dtype))
             opt = tinynet.optim.Adam(model.parameters())

@@ -94,7 +94,7 @@ def test_a_dry_run_writes_the_log_and_json_of_every_step(stage, tmp_path):
     assert f"{stage}: " in result.stdout.splitlines()[-1]  # the one-line summary ends the output
     if stage == "tests":
         assert status["steps"][0]["result"]["cupy_available"] is False  # the probes' results are in the JSON
-        assert "resnet18_float64_train_step_first" in status["steps"][1]["result"]
+        assert "cnn_float64_train_step_first" in status["steps"][1]["result"]
     if stage == "bench":
         assert json.loads((out / "bench_64.json").read_text())["rows"]
     if stage == "examples":
