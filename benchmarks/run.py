@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # CPU, batch 64, every case
     python benchmarks/run.py --device cuda        # CuPy vs PyTorch-CUDA
     python benchmarks/run.py --only resnet18 --repeat 30 --json out.json
+    python benchmarks/run.py --device cuda --tf32 both   # strict float32, then TF32, in both frameworks
 
 Every case is timed as the median of ``--repeat`` runs (at least 20) after
 ``--warmup`` runs.  On the GPU each run is timed with CUDA events recorded on
@@ -18,6 +19,16 @@ framework: on the CPU, the peak resident set size (VmHWM, reset through
 model was built, so it counts weights, gradients, optimizer state,
 activations and workspaces; on the GPU, the memory pool's bytes (CuPy's
 ``total_bytes``, PyTorch's ``max_memory_reserved``).
+
+TF32 (the GPU's matrix units rounding float32 operands to 10 mantissa bits)
+is set explicitly in both frameworks, since their defaults differ: CuPy's
+matrix products are strict float32 unless ``CUPY_TF32`` is set, while
+PyTorch's cuDNN convolutions use TF32 by default.  ``--tf32 off`` (the
+default) times strict float32 in both, ``on`` TF32 in both (cuBLAS compute
+type TF32 in CuPy; ``torch.backends.cuda.matmul.allow_tf32`` and
+``torch.backends.cudnn.allow_tf32`` in PyTorch), ``both`` every case in each
+mode.  Each row records its mode, and the header the settings read back from
+both frameworks.  On the CPU there is no TF32: only ``off`` is accepted.
 
 The BLAS kernel in use is printed (threadpoolctl).  These machines set
 OPENBLAS_CORETYPE=Haswell, which holds NumPy's matrix product to AVX2 kernels
@@ -150,6 +161,40 @@ def matmul_peak(device: str, repeat: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------------
+# TF32
+# ---------------------------------------------------------------------------
+def set_tf32(enabled: bool, torch=None) -> dict:
+    """Switch TF32 on or off for float32 matrix work in CuPy and PyTorch; return the settings read back.
+
+    CuPy: the cuBLAS compute type of float32 products (``CUPY_TF32`` is read only
+    once, at the first float32 product, so the compute type is set directly; the
+    variable is set as well, for any subprocess).  PyTorch: matrix products and
+    cuDNN convolutions.
+    """
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+    settings = {"tf32": enabled, "cupy_float32_compute_type": str(linalg.compute_type_to_str(
+        linalg.get_compute_type(np.float32))), "cupy": cupy.__version__}
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+        settings["torch_matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        settings["torch_cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+    return settings
+
+
+def tf32_modes(option: str, device: str) -> list:
+    """``--tf32`` as the list of modes to run: [False], [True] or [False, True]."""
+    modes = {"off": [False], "on": [True], "both": [False, True]}[option]
+    if device != "cuda" and modes != [False]:
+        raise ValueError(f"--tf32 {option}: TF32 exists only on the GPU; on {device} use --tf32 off")
+    return modes
+
+
+# ---------------------------------------------------------------------------
 # Memory (in a subprocess per framework)
 # ---------------------------------------------------------------------------
 def _status_mb(field: str) -> float:
@@ -202,8 +247,11 @@ def measure_memory(framework: str, model: str, device: str, batch: int):
 # ---------------------------------------------------------------------------
 def run(args) -> dict:
     device = backend.check_device(args.device)
+    modes = tf32_modes(args.tf32, device)
     threads = blas_threads()
     torch = None if args.no_torch else torch_module(device, threads)
+    if device == "cuda":
+        set_tf32(False, torch)  # the peak below is strict float32's; TF32's is measured per mode
     peak = matmul_peak(device)
     env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
     header = {
@@ -220,6 +268,7 @@ def run(args) -> dict:
         "batch": args.batch,
         "repeat": args.repeat,
         "matmul_peak_gflops": peak,
+        "tf32_modes": modes,
     }
     if device == "cuda":
         import cupy
@@ -235,10 +284,28 @@ def run(args) -> dict:
     print(f"  PyTorch: {header['torch'] or 'not available'}; float32 matmul peak {peak:.0f} GFLOP/s")
 
     rows = []
+    header["tf32_settings"] = []
+    for tf32 in modes:
+        mode_peak = peak
+        if device == "cuda":
+            settings = set_tf32(tf32, torch)
+            mode_peak = settings["matmul_peak_gflops"] = matmul_peak(device) if tf32 else peak
+            header["tf32_settings"].append(settings)
+            print(f"\n== TF32 {'on' if tf32 else 'off'}: {settings}", flush=True)
+            print_row.printed_header = False  # a table per mode
+        # % peak compares with this mode's own matmul peak; memory does not depend on the mode: measured once
+        rows += run_cases(args, device, torch, mode_peak, tf32, memory=not args.no_memory and tf32 == modes[0])
+    return {"header": header, "rows": rows}
+
+
+def run_cases(args, device, torch, peak, tf32, memory) -> list:
+    """Time every selected case once in the current TF32 mode; print and return the rows."""
+    rows = []
     for case in case_defs.all_cases(args.batch):
         if args.only and not re.search(args.only, case.name):
             continue
-        row = {"case": case.name, "kind": case.kind, "images": case.images, "gflop": 2 * case.macs / 1e9}
+        row = {"case": case.name, "kind": case.kind, "images": case.images, "gflop": 2 * case.macs / 1e9,
+               "tf32": tf32}
         step = case.tinynet(device)
         times = (time_cuda_cupy if device == "cuda" else time_cpu)(step, args.warmup, args.repeat)
         row["tinynet_ms"] = 1000 * statistics.median(times)
@@ -250,7 +317,7 @@ def run(args) -> dict:
             row["torch_ms"] = 1000 * statistics.median(times)
             row["ratio"] = row["tinynet_ms"] / row["torch_ms"]
             del step
-        if case.name.endswith("train step") and not args.no_memory:
+        if case.name.endswith("train step") and memory:
             model = case.name.split()[0]
             row["tinynet_peak_mb"] = measure_memory("tinynet", model, device, args.batch)
             if torch is not None:
@@ -264,7 +331,7 @@ def run(args) -> dict:
                     row[f"{fw}_pct_peak"] = 100 * row[f"{fw}_gflops"] / peak
         rows.append(row)
         print_row(row)
-    return {"header": header, "rows": rows}
+    return rows
 
 
 COLUMNS = ("case", "tinynet ms", "torch ms", "ratio", "tn img/s", "torch img/s", "tn GFLOP/s", "% peak", "peak MB tn/torch")
@@ -297,6 +364,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="regular expression selecting cases by name")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--tf32", choices=("off", "on", "both"), default="off",
+                        help="GPU only: strict float32 (off, the default), TF32 (on) or each in turn (both), "
+                             "set the same way in CuPy and PyTorch")
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results/<date>-<device>.json)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -307,7 +377,7 @@ def main(argv=None) -> int:
         parser.error("--repeat must be at least 20 (medians of fewer runs are too noisy to compare)")
     try:
         results = run(args)
-    except RuntimeError as error:  # e.g. --device cuda without CuPy or a GPU
+    except (RuntimeError, ValueError) as error:  # e.g. --device cuda without CuPy or a GPU, --tf32 on the CPU
         print(f"error: {error}", file=sys.stderr)
         return 2
     path = Path(args.json) if args.json else (

@@ -152,6 +152,7 @@ def test_fit_on_an_unknown_device_says_which_are_known():
         fit(model, optim.Adam(model.parameters()), nn.CrossEntropyLoss(), _Untouchable(), epochs=1, device="gpu0")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not backend.gpu_available(), reason="needs a GPU")
 def test_fit_with_the_model_left_on_the_cpu_says_to_move_it():
     model = simple_cnn(2, image_size=16)

@@ -85,40 +85,80 @@ def device_of(x) -> str:
     return "cuda" if is_cupy_array(x) else "cpu"
 
 
+def _parse_device(device) -> tuple:
+    """``device`` as ``(kind, index)``: ``"cpu"`` -> ("cpu", None), ``"cuda"``/``"gpu"`` -> ("cuda", None),
+    ``"cuda:N"`` -> ("cuda", N).  Accepts anything whose ``str`` is such a name (e.g. a ``torch.device``)."""
+    name = str(device).strip().lower()
+    kind, sep, index = name.partition(":")
+    if kind == "gpu" and not sep:
+        kind = "cuda"
+    if kind in ("cpu", "cuda") and not sep:
+        return kind, None
+    if kind == "cuda" and index.isdigit():  # digits only: "cuda:-1", "cuda:x" and "cuda:" are errors
+        return kind, int(index)
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda' (also 'cuda:0')")
+
+
 def normalize_device(device) -> str:
-    """Map user spellings (``"cpu"``, ``"cuda"``, ``"cuda:0"``, ``"gpu"``) to ``"cpu"``/``"cuda"``."""
-    name = str(device).lower()
-    if name == "cpu":
-        return "cpu"
-    if name in ("cuda", "gpu") or name.startswith("cuda:"):
-        return "cuda"
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+    """Map user spellings (``"cpu"``, ``"cuda"``, ``"cuda:0"``, ``"gpu"``) to ``"cpu"``/``"cuda"``.
+
+    tinynet runs on one GPU: CuPy's current device, which is the first visible
+    GPU unless the program changed it.  ``"cuda:0"`` names that GPU too; any
+    other index is refused rather than silently run on GPU 0.  To use another
+    GPU, choose it when the process starts, e.g. ``CUDA_VISIBLE_DEVICES=1``
+    (that GPU is then ``"cuda"``).
+
+    Raises
+    ------
+    ValueError
+        for an unknown name, or ``"cuda:N"`` with N other than 0.
+    """
+    kind, index = _parse_device(device)
+    if kind == "cuda" and index not in (None, 0):
+        raise ValueError(
+            f"device {device!r}: tinynet runs on one GPU, 'cuda' (also 'cuda:0', the first visible GPU); "
+            f"to run on GPU {index}, start the program with CUDA_VISIBLE_DEVICES={index} and pass 'cuda'"
+        )
+    return kind
 
 
 def check_device(device) -> str:
-    """Normalise ``device`` and make sure it can be used; raise a clear error if not."""
+    """Normalise ``device`` and make sure it can be used; raise a clear error if not.
+
+    Returns ``"cpu"`` or ``"cuda"``.  Raises ValueError for a name
+    :func:`normalize_device` refuses, and RuntimeError when ``"cuda"`` is asked
+    for without CuPy, without a GPU, or as ``"cuda:0"`` while the program made
+    another GPU CuPy's current device.
+    """
     name = normalize_device(device)
     if name == "cuda":
         if _cupy is None:
             raise RuntimeError(
-                f"device 'cuda' needs CuPy, which could not be imported "
+                f"device {str(device)!r} needs CuPy, which could not be imported "
                 f"({type(_cupy_import_error).__name__}: {_cupy_import_error}); {_INSTALL_HINT}"
             )
         if not gpu_available():
             raise RuntimeError(
-                "device 'cuda' was requested and CuPy is installed, but no CUDA GPU was found "
+                f"device {str(device)!r} was requested and CuPy is installed, but no CUDA GPU was found "
                 "(check `nvidia-smi` and that the CuPy package matches the installed CUDA driver)"
+            )
+        if _parse_device(device)[1] == 0 and _cupy.cuda.runtime.getDevice() != 0:
+            raise RuntimeError(
+                f"device {str(device)!r}: CuPy's current device is GPU {_cupy.cuda.runtime.getDevice()}, "
+                f"not 0; pass 'cuda' to use the current device"
             )
     return name
 
 
 def to_device(x, device):
-    """Return ``x`` as an array on ``device`` (a copy only when it has to move)."""
+    """Return ``x`` as an array on ``device`` (a copy only when it has to move).
+
+    On ``"cuda"`` that is CuPy's current device: an array already there is
+    returned as it is; one on another GPU is copied (``cupy.asarray`` does both).
+    """
     name = check_device(device)
     if name == "cpu":
         return to_numpy(x)
-    if is_cupy_array(x):
-        return x
     return _cupy.asarray(x)
 
 

@@ -1,12 +1,17 @@
 """The CuPy path on a real GPU: every layer, loss and optimizer equal to NumPy's within float32 tolerance.
 
 Skipped without CuPy and a GPU (CI has none).  Run on a GPU machine with
-``bash benchmarks/gpu_check.sh``, which runs this file twice: with the fused
+``bash benchmarks/gpu_check.sh tests``, which runs this file twice: with the fused
 kernels of :mod:`tinynet.kernels` and without them (``TINYNET_FUSED_KERNELS=0``,
 the plain CuPy code), so both GPU paths are compared with NumPy.
 
 Tolerance: relative 1e-4 of each tensor's largest value (float32 sums in a
-different order on the GPU), see ``assert_close_to_scale``.
+different order on the GPU), see ``assert_close_to_scale``; 1e-10 in float64.
+Beyond plain parity: max-pool windows of more than 256 cells (int16 winners),
+float64, BatchNorm without affine and with cumulative averages, GPU-to-GPU
+state dicts (copies), labels out of range on the device, NaN through max
+pooling and ReLU's backward (as NumPy propagates it), and single layers fed
+the CHWN views they receive inside a network.
 """
 import numpy as np
 import pytest
@@ -27,26 +32,37 @@ def to_gpu(a):
     return backend.to_device(a, "cuda")
 
 
-def both(make, x, rng, *, train=True, grads=True):
-    """Run a layer's forward and backward on NumPy and on CuPy from the same weights; compare everything."""
+def chwn_on_gpu(a):
+    """``a`` (N, C, H, W) on the GPU as the layers pass activations: an NCHW view of a CHWN buffer."""
+    from tinynet.nn.layout import from_chwn, to_chwn
+
+    return from_chwn(to_gpu(np.ascontiguousarray(to_chwn(a)))) if a.ndim == 4 else to_gpu(a)
+
+
+def both(make, x, rng, *, train=True, grads=True, move=to_gpu, rtol=RTOL):
+    """Run a layer's forward and backward on NumPy and on CuPy from the same weights; compare everything.
+
+    ``move`` puts the input and the upstream gradient on the GPU (plain, or :func:`chwn_on_gpu`);
+    float64 inputs get float64 gradients, to be compared with a float64 ``rtol``.
+    """
     cpu = make()
     cpu.train(train)
     gpu = make()
     gpu.load_state_dict(cpu.state_dict())
     gpu.to("cuda").train(train)
     y_cpu = cpu(x)
-    y_gpu = gpu(to_gpu(x))
-    assert backend.is_cupy_array(y_gpu)
-    assert_close_to_scale(backend.to_numpy(y_gpu), y_cpu, RTOL, "forward")
+    y_gpu = gpu(move(x))
+    assert backend.is_cupy_array(y_gpu) and y_gpu.dtype == y_cpu.dtype
+    assert_close_to_scale(backend.to_numpy(y_gpu), y_cpu, rtol, "forward")
     if grads:
-        g = rng.standard_normal(y_cpu.shape).astype(np.float32)
+        g = rng.standard_normal(y_cpu.shape).astype(y_cpu.dtype)
         dx_cpu = cpu.backward(g)
-        dx_gpu = gpu.backward(to_gpu(g))
-        assert_close_to_scale(backend.to_numpy(dx_gpu), dx_cpu, RTOL, "dx")
+        dx_gpu = gpu.backward(move(g))
+        assert_close_to_scale(backend.to_numpy(dx_gpu), dx_cpu, rtol, "dx")
         for (name, p), (_, q) in zip(cpu.named_parameters(), gpu.named_parameters()):
-            assert_close_to_scale(backend.to_numpy(q.grad), p.grad, RTOL, name)
+            assert_close_to_scale(backend.to_numpy(q.grad), p.grad, rtol, name)
     for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
-        assert_close_to_scale(backend.to_numpy(b), np.asarray(a), RTOL, name)  # running statistics too
+        assert_close_to_scale(backend.to_numpy(b), np.asarray(a), rtol, name)  # running statistics too
     return cpu, gpu
 
 
@@ -200,6 +216,9 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path):
 
 
 def test_short_fit_on_gpu_learns_like_the_cpu(tmp_path):
+    """The CPU twin is tests/test_train.py::test_fit_learns_and_keeps_history: the same data,
+    model, optimizer, loaders (seeded shuffle), 4 epochs and the same 0.9 threshold; here both
+    devices must pass it, and their training losses agree."""
     from tinynet.data import ArrayDataset, DataLoader
     from tinynet.train import fit
 
@@ -214,8 +233,134 @@ def test_short_fit_on_gpu_learns_like_the_cpu(tmp_path):
         tinynet.manual_seed(0)
         model = simple_cnn(2, image_size=16).to(device)
         history = fit(model, optim.Adam(model.parameters(), lr=3e-3), nn.CrossEntropyLoss(),
-                      DataLoader(data, np.arange(64), 16, shuffle=True), DataLoader(data, np.arange(64, 96), 16),
-                      epochs=3, device=device, progress=False, log=None, checkpoint_path=tmp_path / f"{device}.npz")
+                      DataLoader(data, np.arange(64), 16, shuffle=True, seed=0), DataLoader(data, np.arange(64, 96), 16),
+                      epochs=4, device=device, progress=False, log=None, checkpoint_path=tmp_path / f"{device}.npz")
         results[device] = history.epochs[-1]
-    assert results["cuda"].val_acc > 0.9
+    assert results["cpu"].val_acc > 0.9 and results["cuda"].val_acc > 0.9
     assert results["cuda"].train_loss == pytest.approx(results["cpu"].train_loss, rel=1e-2, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# Cases the first GPU suite lacked
+# ---------------------------------------------------------------------------
+def test_max_pool_over_more_than_256_cells_uses_int16_winners(rng):
+    # 17 x 17 = 289 cells: the winner's index no longer fits uint8 (tinynet.nn.pool picks int16),
+    # so the fused kernel runs with S = int16.
+    x = rng.standard_normal((2, 3, 23, 23)).astype(np.float32)
+    both(lambda: nn.MaxPool2d(17, 3), x, rng)
+    both(lambda: nn.MaxPool2d(17, 3, 8), x, rng)  # padding too: windows partly outside
+
+
+def _double(module):
+    return module.double()
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv2d(3, 5, 3, 2, 1, rng=np.random.default_rng(0)), (2, 3, 9, 8)),
+    (lambda: nn.MaxPool2d(3, 2, 1), (2, 3, 9, 8)),
+    (lambda: nn.BatchNorm2d(3), (4, 3, 5, 5)),
+    (lambda: nn.Linear(6, 4, rng=np.random.default_rng(0)), (5, 6)),
+    (nn.ReLU, (2, 3, 4, 4)),
+])
+def test_float64_on_the_gpu_matches_numpy_to_float64_precision(make, shape, rng):
+    x = rng.standard_normal(shape)  # float64
+    cpu, gpu = both(lambda: _double(make()), x, rng, rtol=1e-10)
+    assert all(p.data.dtype == np.float64 for p in gpu.parameters())
+
+
+def test_adam_in_float64_on_the_gpu(rng):
+    w0 = rng.standard_normal((7, 5))
+    p, q = nn.Parameter(w0.copy()), nn.Parameter(to_gpu(w0))
+    opt_cpu, opt_gpu = optim.Adam([p], lr=0.01), optim.Adam([q], lr=0.01)
+    for _ in range(3):
+        g = rng.standard_normal((7, 5))
+        p.grad, q.grad = g.copy(), to_gpu(g)
+        opt_cpu.step()
+        opt_gpu.step()
+    assert q.data.dtype == np.float64
+    assert_close_to_scale(backend.to_numpy(q.data), p.data, 1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{"affine": False}, {"momentum": None}, {"affine": False, "momentum": None}])
+def test_batch_norm_without_affine_and_with_cumulative_averages(kwargs, rng):
+    cpu, gpu = nn.BatchNorm2d(4, **kwargs), nn.BatchNorm2d(4, **kwargs).to("cuda")
+    for step in range(3):  # momentum=None: running statistics are the plain average over the batches seen
+        x = (rng.standard_normal((5, 4, 6, 6)) * (step + 1) + step).astype(np.float32)
+        g = rng.standard_normal(x.shape).astype(np.float32)
+        assert_close_to_scale(backend.to_numpy(gpu(to_gpu(x))), cpu(x), RTOL, f"forward {step}")
+        assert_close_to_scale(backend.to_numpy(gpu.backward(to_gpu(g))), cpu.backward(g), RTOL, f"dx {step}")
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert_close_to_scale(backend.to_numpy(b), np.asarray(a), RTOL, name)
+    assert int(gpu.num_batches_tracked) == 3
+    cpu.eval(), gpu.eval()
+    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    assert_close_to_scale(backend.to_numpy(gpu(to_gpu(x))), cpu(x), RTOL, "eval forward")
+
+
+def test_gpu_to_gpu_load_state_dict_copies(rng):
+    source = simple_cnn(3, image_size=16).to("cuda")
+    target = simple_cnn(3, image_size=16).to("cuda")
+    target.load_state_dict(source.state_dict())
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert backend.is_cupy_array(b), name
+        assert a.data.ptr != b.data.ptr, f"{name}: the loaded array is the source's own memory"
+        np.testing.assert_array_equal(backend.to_numpy(b), backend.to_numpy(a))
+    before = {k: backend.to_numpy(v).copy() for k, v in target.state_dict().items()}
+    for p in source.parameters():
+        p.data[...] = 0  # as an optimizer step on the source would, in place
+    for k, v in target.state_dict().items():
+        np.testing.assert_array_equal(backend.to_numpy(v), before[k], err_msg=k)
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_labels_on_the_device_fail_clearly(bad, rng):
+    # CuPy wraps out-of-range indices where NumPy raises: unchecked, such labels would train wrong classes.
+    z = rng.standard_normal((4, 5)).astype(np.float32)
+    labels = np.array([0, 1, bad, 2])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 4\]") as on_cpu:
+        nn.CrossEntropyLoss()(z, labels)
+    with pytest.raises(ValueError, match=r"\[0, 4\]") as on_gpu:
+        nn.CrossEntropyLoss()(to_gpu(z), to_gpu(labels))
+    assert "target" in str(on_gpu.value) and str(on_cpu.value).split(":")[0] == str(on_gpu.value).split(":")[0]
+
+
+def test_nan_in_a_max_pool_window_propagates_as_in_numpy(rng):
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x[0, 1, 2, 3] = np.nan
+    x[1, 2, 0, 0] = np.nan  # a corner, inside a padded window
+    cpu, gpu = nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1).to("cuda")
+    y_cpu, y_gpu = cpu(x), backend.to_numpy(gpu(to_gpu(x)))
+    assert np.isnan(y_cpu).any()
+    np.testing.assert_array_equal(y_gpu, y_cpu)  # NaN where NumPy has NaN, equal elsewhere
+    g = rng.standard_normal(y_cpu.shape).astype(np.float32)
+    np.testing.assert_array_equal(backend.to_numpy(gpu.backward(to_gpu(g))), cpu.backward(g))
+
+
+def test_nan_gradients_through_relu_backward_as_in_numpy(rng):
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    g[0, 0, 0, :] = np.nan  # NaN upstream gradients at active and inactive units alike
+    g[1, 2][x[1, 2] <= 0] = np.nan
+    cpu, gpu = nn.ReLU(), nn.ReLU().to("cuda")
+    cpu(x), gpu(to_gpu(x))
+    dx_cpu, dx_gpu = cpu.backward(g), backend.to_numpy(gpu.backward(to_gpu(g)))
+    assert np.isnan(dx_cpu).any()
+    np.testing.assert_array_equal(dx_gpu, dx_cpu)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv2d(4, 6, 3, 1, 1, bias=False, rng=np.random.default_rng(0)), (3, 4, 7, 7)),
+    (lambda: nn.Conv2d(4, 6, 3, 2, 1, rng=np.random.default_rng(0)), (3, 4, 8, 8)),
+    (lambda: nn.BatchNorm2d(4), (3, 4, 6, 6)),
+    (lambda: nn.MaxPool2d(3, 2, 1), (3, 4, 8, 8)),
+    (lambda: nn.AvgPool2d(2), (3, 4, 8, 8)),
+    (lambda: nn.AdaptiveAvgPool2d(1), (3, 4, 5, 5)),
+    (nn.ReLU, (3, 4, 5, 5)),
+    (nn.Flatten, (3, 4, 2, 2)),
+    (lambda: nn.BasicBlock(4, 4, 1, None, rng=np.random.default_rng(3)), (3, 4, 6, 6)),
+])
+def test_single_layers_take_chwn_views_as_inside_a_network(make, shape, rng):
+    # Inside a network every activation is an NCHW view of a CHWN buffer (tinynet.nn.layout);
+    # a layer tested alone on plain NCHW arrays would not see that layout.
+    x = rng.standard_normal(shape).astype(np.float32)
+    both(make, x, rng, move=chwn_on_gpu)

@@ -113,7 +113,8 @@ class History:
 
 
 def _as_device(x, device):
-    return backend.to_device(x, device) if device == "cuda" else x
+    # Parsed, not compared as a string: "cuda:0" must move the batch too, and "cuda:1" must be refused.
+    return backend.to_device(x, device) if backend.normalize_device(device) == "cuda" else x
 
 
 def _progress(total, desc, enabled):
