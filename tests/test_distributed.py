@@ -51,12 +51,12 @@ def synthetic_dataset(n=192, size=SIZE, classes=4, seed=0):
     return ArrayDataset(images, labels, [f"c{k}" for k in range(classes)])
 
 
-def make_model(kind, seed=0):
+def make_model(kind, seed=0, width=64):
     tinynet.manual_seed(seed)
     if kind == "cnn":
         net = simple_cnn(4, image_size=SIZE)
     else:
-        net = resnet18(4, head="linear")
+        net = resnet18(4, head="linear", width=width)
     net.double()
     net.set_input_grad(False)
     return net
@@ -339,12 +339,12 @@ class TwinComm(distributed.LocalCommunicator):
 
 def test_averaging_identical_gradients_changes_nothing():
     """Packing into the buckets and back, the flags of parameters without a gradient, the division by N."""
-    a, b = make_model("resnet"), make_model("resnet")
+    a, b = make_model("resnet", width=8), make_model("resnet", width=8)
     a.fc.bias.data[:] = b.fc.bias.data[:] = 0.5
     frozen_a, frozen_b = a.fc.bias, b.fc.bias
     opt_a = optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     opt_b = distributed.DistributedOptimizer(optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1),
-                                             TwinComm(), bucket_bytes=40_000)
+                                             TwinComm(), bucket_bytes=4_000)
     assert len(opt_b.buckets()) > 3
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(synthetic_dataset(n=64), batch_size=32, shuffle=True, seed=1, prefetch=0)
@@ -473,6 +473,26 @@ def test_reduced_validation_equals_the_single_process_evaluation(tmp_path):
     epoch = json.loads((tmp_path / "history.json").read_text())["epochs"][0]
     assert epoch["val_acc"] == pytest.approx(single["accuracy"], abs=1e-12)
     assert epoch["val_loss"] == pytest.approx(single["loss"], rel=1e-10)
+
+
+def test_train_cnn_script_with_distributed_matches_one_process(tmp_path):
+    """examples/train_cnn.py --distributed under mpiexec -n 2: rank 0 alone logs and writes, same numbers."""
+    mpi_or_skip()
+    common = ["--epochs", "1", "--limit", "12", "--image-size", "16", "--batch-size", "32", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    script = str(ROOT / "examples" / "train_cnn.py")
+    two = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, script, "--distributed", "--out",
+                          str(tmp_path / "two"), *common], capture_output=True, text=True, timeout=120, env=env)
+    check_ok(two)
+    from tinynet.experiment import main
+
+    assert main("cnn", ["--out", str(tmp_path / "one"), *common]) == 0  # one process, here
+    assert two.stdout.count("Test accuracy") == 1, "only rank 0 logs"
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    for e1, e2 in zip(a["history"]["epochs"], b["history"]["epochs"]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-6), key
+    assert b["test"]["accuracy"] == pytest.approx(a["test"]["accuracy"], abs=1e-12)
 
 
 if __name__ == "__main__":  # the worker, under mpiexec

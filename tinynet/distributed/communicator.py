@@ -291,7 +291,9 @@ class MPICommunicator(Communicator):
         A rank that returns an error (a bad option, a NaN loss) while the
         others are inside a collective would leave them waiting; ``mpiexec``
         only notices ranks that die.  The error itself was already printed.
+        Ctrl-C (130) reaches every rank: the others then leave quietly, and
+        rank 0 aborts only after it has saved the checkpoint.
         """
-        if status:
+        if status and not (status == 130 and not self.is_main):
             self.abort(f"{self.name}: exiting with status {status}; stopping every rank", status)
         return status
