@@ -475,24 +475,21 @@ def test_reduced_validation_equals_the_single_process_evaluation(tmp_path):
     assert epoch["val_loss"] == pytest.approx(single["loss"], rel=1e-10)
 
 
-def test_train_cnn_script_with_distributed_matches_one_process(tmp_path):
-    """examples/train_cnn.py --distributed under mpiexec -n 2: rank 0 alone logs and writes, same numbers."""
+def test_train_resnet_script_runs_under_mpiexec_with_distributed(tmp_path):
+    """examples/train_resnet.py --distributed --sync-batchnorm under mpiexec -n 2: rank 0 alone logs and
+    writes every file, its t-SNE of all the validation images included."""
     mpi_or_skip()
-    common = ["--epochs", "1", "--limit", "12", "--image-size", "16", "--batch-size", "32", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    script = str(ROOT / "examples" / "train_cnn.py")
-    two = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, script, "--distributed", "--out",
-                          str(tmp_path / "two"), *common], capture_output=True, text=True, timeout=120, env=env)
-    check_ok(two)
-    from tinynet.experiment import main
-
-    assert main("cnn", ["--out", str(tmp_path / "one"), *common]) == 0  # one process, here
-    assert two.stdout.count("Test accuracy") == 1, "only rank 0 logs"
-    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
-    for e1, e2 in zip(a["history"]["epochs"], b["history"]["epochs"]):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert e2[key] == pytest.approx(e1[key], rel=1e-4, abs=1e-6), key
-    assert b["test"]["accuracy"] == pytest.approx(a["test"]["accuracy"], abs=1e-12)
+    done = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(ROOT / "examples" / "train_resnet.py"),
+                           "--distributed", "--sync-batchnorm", "--out", str(tmp_path), "--epochs", "1", "--limit",
+                           "12", "--image-size", "16", "--batch-size", "32", "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    check_ok(done)
+    assert done.stdout.count("Test accuracy") == 1 and done.stdout.count("epoch   1/1") == 1, "only rank 0 logs"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "tsne_validation_2d.png" in metrics["figures"] and "tsne_test_3d.png" in metrics["figures"]
+    assert all((tmp_path / name).exists() for name in metrics["figures"])
+    assert metrics["split"]["validation"] == 24 and metrics["history"]["epochs"][0]["val_acc"] is not None
 
 
 if __name__ == "__main__":  # the worker, under mpiexec

@@ -228,7 +228,7 @@ def run(model: str, args, log=print) -> dict:
     test_loader = DataLoader(dataset, test_idx, args.batch_size)
     if comm is not None:  # each rank's share of every batch (the test set is evaluated by rank 0 alone)
         train_loader = distributed.DistributedLoader.wrap(train_loader, comm)
-        val_loader = distributed.DistributedLoader.wrap(val_loader, comm)
+        val_loader, whole_val_loader = distributed.DistributedLoader.wrap(val_loader, comm), val_loader
 
     net, pretrained_report = build_model(model, len(classes), args, log)
     net.to(args.device)
@@ -255,6 +255,8 @@ def run(model: str, args, log=print) -> dict:
                   log=log, distributed=distributed.FitHooks(comm) if comm is not None else None)
     if not is_main:
         return {}
+    if comm is not None:
+        val_loader = whole_val_loader  # rank 0's figures show every validation image
 
     test = evaluate(net, test_loader, loss_fn, args.device)
     metrics = classification_metrics(test["labels"], test["predictions"], classes)
