@@ -62,7 +62,7 @@ import time
 
 import numpy as np
 
-from tinynet import backend, nn, optim
+from tinynet import backend, distributed, nn, optim
 from tinynet.data import DataLoader, ZipImageDataset, random_crop_flip_batch
 from tinynet.experiment import (CommandLineParser, UsageError, check_device, check_output_folder, hardware,
                                 run_command)
@@ -108,6 +108,7 @@ def build_parser() -> CommandLineParser:
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the order and the crops; default 0")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    distributed.add_arguments(parser)  # --distributed, --sync-batchnorm
     return parser
 
 
@@ -250,6 +251,7 @@ class DeadlineCosine(optim.CosineAnnealingLR):
         super().__init__(optimizer, T_max)
         self.deadline, self.on_change = deadline, on_change
         self.epoch_began, self.longest_epoch = time.perf_counter(), 0.0
+        self.agree = None  # with --distributed: rank 0's decision, the same on every rank
 
     def _lr(self, base_lr, epoch):
         return super()._lr(base_lr, min(epoch, self.T_max))
@@ -261,6 +263,8 @@ class DeadlineCosine(optim.CosineAnnealingLR):
         if self.deadline is not None:
             done = self.last_epoch + 1
             fits = done + max(0, int((self.deadline - now) // self.longest_epoch))
+            if self.agree is not None:
+                fits = self.agree(fits)
             if fits < self.T_max:
                 self.T_max = max(fits, 1)
                 if self.on_change is not None:
@@ -308,16 +312,29 @@ def run(args, log=print) -> dict:
     """Pretrain as ``args`` say; returns the summary written beside the weights."""
     started = time.perf_counter()
     check_args(args)
+    comm = distributed.setup(args, UsageError)  # None without --distributed
+    is_main = comm is None or comm.is_main
+    log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
     manual_seed(args.seed)
+    if not is_main:  # rank 0 decodes the photos and writes the cache; the others then read it
+        comm.barrier(timeout=math.inf)
     train, val = load_splits(args, log)
+    if comm is not None and is_main:
+        comm.barrier(timeout=math.inf)
     classes = list(train.classes)
     crop_flip = functools.partial(random_crop_flip_batch, padding=args.padding)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed,
                               batch_transform=crop_flip, drop_last=True)  # a batch of 1 would break BatchNorm
     val_loader = DataLoader(val, batch_size=256)
+    if comm is not None:  # each rank's share of every batch; the speeds below are the ranks' sums
+        train_loader = distributed.DistributedLoader.wrap(train_loader, comm)
+        val_loader = distributed.DistributedLoader.wrap(val_loader, comm)
 
     speed = measure_speed(args, train_loader, val_loader, len(classes))
+    if comm is not None:
+        keys = ("loader_images_per_second", "step_images_per_second", "eval_images_per_second")
+        speed.update(zip(keys, comm.sum_numbers([speed[k] for k in keys])), ranks=comm.size)
     ratio = speed["loader_images_per_second"] / speed["step_images_per_second"]
     log(f"speed at {args.size}x{args.size}, batch {args.batch_size}, on {args.device}: training step "
         f"{speed['step_images_per_second']:,.0f} img/s, data pipeline alone {speed['loader_images_per_second']:,.0f} "
@@ -329,27 +346,38 @@ def run(args, log=print) -> dict:
     if epochs is None:
         epochs = plan_epochs(args, speed, len(train_loader) * args.batch_size, len(val),
                              deadline - time.perf_counter() if deadline else None, log)
-        write_plan(out, args, epochs)
+        if comm is not None:
+            epochs = comm.agree(epochs)
+        if is_main:
+            write_plan(out, args, epochs)
     else:
         log(f"resuming the run in {out}: its learning rate is annealed over {epochs} epochs")
 
     def shortened(epochs):
         log(f"time budget: the epochs run slower than measured; the learning rate is now annealed over "
             f"{epochs} epochs")
-        write_plan(out, args, epochs)
+        if is_main:
+            write_plan(out, args, epochs)
 
     manual_seed(args.seed)  # the same initial weights whatever the measurement drew
     net = make_model(len(classes), args.device)
     optimizer = make_optimizer(net, args)
+    if comm is not None:  # SyncBatchNorm (optional), rank 0's weights, gradients averaged over the ranks
+        net, optimizer = distributed.prepare(net, optimizer, comm, args.sync_batchnorm)
     scheduler = DeadlineCosine(optimizer, epochs, deadline, on_change=shortened)
+    if comm is not None:
+        scheduler.agree = comm.agree
     log(f"model: ResNet18, {sum(p.size for p in net.parameters()):,} parameters, on {args.device}; {epochs} epochs "
         f"of {len(train_loader)} batches of {args.batch_size}, SGD Nesterov lr {args.lr} cosine, weight decay "
         f"{args.weight_decay}, crop (padding {args.padding}) and flip")
     history = fit(net, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, epochs, device=args.device,
                   scheduler=scheduler, checkpoint_path=out / "checkpoint.npz", resume=args.resume,
-                  progress=not args.no_progress, extra={"model": "resnet18-pretrain", "classes": classes,
-                                                        "seed": args.seed},
-                  log=log, time_budget=deadline - time.perf_counter() if deadline else None)
+                  progress=not args.no_progress and is_main,
+                  extra={"model": "resnet18-pretrain", "classes": classes, "seed": args.seed},
+                  log=log, time_budget=deadline - time.perf_counter() if deadline else None,
+                  distributed=distributed.FitHooks(comm) if comm is not None else None)
+    if not is_main:  # rank 0 writes the weights and the summary
+        return {}
 
     save_weights(net.state_dict(), args.save)
     last = history.epochs[-1]
@@ -385,7 +413,8 @@ def run(args, log=print) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(parser.prog, lambda: run(args))
+    status = run_command(parser.prog, lambda: run(args))
+    return distributed.world().finish(status)  # with --distributed, an error on one rank stops them all
 
 
 if __name__ == "__main__":

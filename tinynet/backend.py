@@ -44,6 +44,7 @@ __all__ = [
     "normalize_device",
     "scratch",
     "keep_freed_host_memory",
+    "cuda_collectives",
 ]
 
 _INSTALL_HINT = (
@@ -244,3 +245,26 @@ def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int =
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
+
+
+def cuda_collectives():
+    """CuPy's NCCL bindings and the CUDA calls around them, for :mod:`tinynet.distributed` on GPUs.
+
+    Returns a namespace with ``nccl`` (``cupy.cuda.nccl``), ``stream_pointer()``
+    (the current stream's handle, on which the collectives are queued),
+    ``use_device(i)`` and ``device_count()``.  Raises RuntimeError without
+    CuPy, a GPU or NCCL.
+    """
+    import types
+
+    check_device("cuda")
+    try:
+        from cupy.cuda import nccl
+    except ImportError as error:
+        raise RuntimeError(f"NCCL is not available to CuPy ({error}); install the NCCL library for your CUDA "
+                           f"version (e.g. `pip install nvidia-nccl-cu12`)") from None
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("CuPy was built without NCCL support; multi-GPU training needs it")
+    return types.SimpleNamespace(nccl=nccl, stream_pointer=lambda: _cupy.cuda.get_current_stream().ptr,
+                                 use_device=lambda i: _cupy.cuda.Device(i).use(),
+                                 device_count=_cupy.cuda.runtime.getDeviceCount)

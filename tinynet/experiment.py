@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from . import backend, nn, optim
+from . import backend, distributed, nn, optim
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_weights
@@ -94,6 +94,7 @@ def build_parser(model: str) -> argparse.ArgumentParser:
                             help="reproduce the original notebook's bug: a softmax layer in front of "
                                  "CrossEntropyLoss, which applies log-softmax itself, so the model is trained "
                                  "on a squashed softmax of softmax and learns more slowly. Off by default.")
+    distributed.add_arguments(parser)  # --distributed, --sync-batchnorm
     return parser
 
 
@@ -204,6 +205,9 @@ def run(model: str, args, log=print) -> dict:
     from . import plots
 
     _check_args(args, model)
+    comm = distributed.setup(args, UsageError)  # None without --distributed
+    is_main = comm is None or comm.is_main
+    log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
     started = time.time()
     manual_seed(args.seed)
@@ -213,7 +217,7 @@ def run(model: str, args, log=print) -> dict:
         train_idx, val_idx, test_idx = stratified_split(dataset.labels, seed=42, classes=classes)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         raise UsageError(str(error)) from None
-    if hasattr(dataset, "write_skipped"):
+    if hasattr(dataset, "write_skipped") and is_main:
         dataset.write_skipped(out / "skipped.tsv")
     log(f"split: {len(train_idx)} train, {len(val_idx)} validation, {len(test_idx)} test images")
 
@@ -222,26 +226,37 @@ def run(model: str, args, log=print) -> dict:
                               transform=augment if args.augment else None, augment_copy=args.augment)
     val_loader = DataLoader(dataset, val_idx, args.batch_size)
     test_loader = DataLoader(dataset, test_idx, args.batch_size)
+    if comm is not None:  # each rank's share of every batch (the test set is evaluated by rank 0 alone)
+        train_loader = distributed.DistributedLoader.wrap(train_loader, comm)
+        val_loader, whole_val_loader = distributed.DistributedLoader.wrap(val_loader, comm), val_loader
 
     net, pretrained_report = build_model(model, len(classes), args, log)
     net.to(args.device)
     net.set_input_grad(False)  # the images need no gradient
     optimizer = optim.Adam(net.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
+    if comm is not None:  # SyncBatchNorm (optional), rank 0's weights, gradients averaged over the ranks
+        net, optimizer = distributed.prepare(net, optimizer, comm, args.sync_batchnorm)
 
-    plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
-                                  classes, out / "class_distribution.png")
-    x0, y0 = next(iter(DataLoader(dataset, train_idx, min(32, len(train_idx)), shuffle=True, seed=args.seed,
-                                  transform=augment if args.augment else None, prefetch=0)))
-    plots.plot_batch_grid(x0, y0, classes, out / "batch_grid.png")
+    if is_main:  # with --distributed, rank 0 alone writes the figures and files
+        plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
+                                      classes, out / "class_distribution.png")
+        x0, y0 = next(iter(DataLoader(dataset, train_idx, min(32, len(train_idx)), shuffle=True, seed=args.seed,
+                                      transform=augment if args.augment else None, prefetch=0)))
+        plots.plot_batch_grid(x0, y0, classes, out / "batch_grid.png")
 
     log(f"model: {type(net).__name__}, {sum(p.size for p in net.parameters()):,} parameters, on {args.device}; "
         f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}"
         f"{', augmentation run' if args.augment else ''}")
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
-                  progress=not args.no_progress, extra={"model": model, "classes": classes, "seed": args.seed},
-                  log=log)
+                  progress=not args.no_progress and is_main,
+                  extra={"model": model, "classes": classes, "seed": args.seed},
+                  log=log, distributed=distributed.FitHooks(comm) if comm is not None else None)
+    if not is_main:
+        return {}
+    if comm is not None:
+        val_loader = whole_val_loader  # rank 0's figures show every validation image
 
     test = evaluate(net, test_loader, loss_fn, args.device)
     metrics = classification_metrics(test["labels"], test["predictions"], classes)
@@ -294,7 +309,8 @@ def main(model: str, argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser(model)
     args = parser.parse_args(argv)
-    return run_command(parser.prog, lambda: run(model, args))
+    status = run_command(parser.prog, lambda: run(model, args))
+    return distributed.world().finish(status)  # with --distributed, an error on one rank stops them all
 
 
 def run_command(prog: str, job) -> int:

@@ -238,7 +238,8 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
 
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
-        progress: bool = True, extra=None, log=print, time_budget: float | None = None) -> History:
+        progress: bool = True, extra=None, log=print, time_budget: float | None = None,
+        distributed=None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -259,6 +260,10 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     time_budget : seconds; after each epoch, stop (returning the history so far,
         the checkpoint written) when another epoch as long as the longest one
         so far would end past the budget, counted from this call's start.
+    distributed : data-parallel hooks (:class:`tinynet.distributed.FitHooks`), or None:
+        only rank 0 writes checkpoints (every rank resumes from them), the
+        epoch's sums and validation results are reduced over the ranks, and
+        the time budget is rank 0's clock.
     """
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
@@ -311,7 +316,7 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         except KeyboardInterrupt:
             # Ctrl-C: save where we are (the model after state["batch"] batches of this epoch; during the
             # validation that is all of them, and resuming runs the validation again), then stop.
-            if checkpoint_path is None:
+            if checkpoint_path is None or (distributed is not None and not distributed.is_main):
                 raise TrainingInterrupted(None, epoch, state["batch"]) from None
             extra["_partial_epoch"] = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
                                        "seen": state["seen"], "skipped": state["skipped"]}
@@ -321,6 +326,9 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         extra.pop("_partial_epoch", None)
         loss_sum, correct, seen, skipped = float(state["loss_sum"]), int(state["correct"]), state["seen"], \
             state["skipped"]
+        if distributed is not None:  # data-parallel: every rank trained and validated on its own shard
+            (loss_sum, correct, seen, skipped, state["seen_at_start"]), val = distributed.reduce_epoch(
+                (loss_sum, correct, seen, skipped, state["seen_at_start"]), val)
         start_batch = 0
         stats = EpochStats(
             epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
@@ -337,12 +345,14 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         skip_text = f"  skipped {skipped} non-finite batches" if skipped else ""
         log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
             f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (distributed is None or distributed.is_main):
             _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
                             history=history.to_dict(), extra=extra, last_good=last_good)
             last_good = checkpoint_path
         elapsed = time.perf_counter() - fit_started
         longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
+        if distributed is not None and time_budget is not None:  # one decision for all ranks: rank 0's clock
+            elapsed, longest_epoch = distributed.agree((elapsed, longest_epoch))
         if time_budget is not None and epoch + 1 < epochs and elapsed + longest_epoch > time_budget:
             log(f"time budget: stopping after epoch {epoch + 1} of {epochs}; another epoch (up to "
                 f"{longest_epoch:.0f} s) would end past the budget of {time_budget:.0f} s ({elapsed:.0f} s used)")
