@@ -815,6 +815,71 @@ def test_load_into_strict_errors_come_from_load_state_dict():
         load_into(model, RESNET_PTH, max_bytes=1000)
 
 
+def test_npz_keys_that_differ_by_a_npy_suffix_load_their_own_arrays(tmp_path):
+    """np.load's NpzFile["x.npy"] reads member "x.npy", the array saved as "x": the two keys swapped values."""
+    sd = collections.OrderedDict([("x", np.zeros(2)), ("x.npy", np.ones(3)), ("x.npy.npy", np.full(4, 2.0))])
+    for path in (save_weights(sd, tmp_path / "w.npz"), tmp_path / "savez.npz"):
+        if path.name == "savez.npz":
+            np.savez(path, **sd)
+        back = load_weights(path)
+        assert list(back) == list(sd), path.name
+        for key, value in sd.items():
+            np.testing.assert_array_equal(back[key], value, err_msg=f"{path.name}: {key}")
+
+
+def _fresh_state(model):
+    return collections.OrderedDict((k, np.array(v)) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("conv1.weight", np.nan, r"tensor 'conv1.weight' \(shape \(8, 3, 7, 7\)\) holds 1 NaN or infinite value"),
+    ("layer1.0.bn2.bias", np.inf, "tensor 'layer1.0.bn2.bias'.*holds 1 NaN or infinite"),
+    ("bn1.running_var", -0.5, r"tensor 'bn1.running_var' holds negative variances \(smallest -0.5\)"),
+    ("bn1.num_batches_tracked", -3, "tensor 'bn1.num_batches_tracked' is -3; a count of batches is never negative"),
+])
+@pytest.mark.parametrize("ext", [".npz", ".safetensors"])
+def test_load_into_refuses_values_no_model_can_use(tmp_path, key, bad, message, ext):
+    """NaN/inf weights or a negative running_var used to load silently (and then train to NaN)."""
+    sd = _fresh_state(resnet18(10, head="linear", width=8))
+    sd[key] = sd[key].copy()
+    sd[key].reshape(-1)[0] = bad
+    path = save_weights(sd, tmp_path / f"bad{ext}")
+    model = resnet18(10, head="linear", width=8)
+    before = _fresh_state(model)
+    with pytest.raises(tinynet.io.WeightsValueError, match=message) as info:
+        load_into(model, path)
+    assert str(path) in str(info.value)
+    for k, v in model.state_dict().items():  # nothing loaded
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # Skipping the bad tensor's prefix skips its check too; load_weights itself reads any value.
+    load_into(resnet18(10, head="linear", width=8), path, skip_prefixes=key.split(".")[0] + ".")
+    assert np.isnan(load_weights(path)[key]).any() or load_weights(path)[key].reshape(-1)[0] == bad
+
+
+def test_check_state_values_on_num_batches_tracked_of_another_dtype():
+    with pytest.raises(tinynet.io.WeightsValueError, match="expected one integer"):
+        tinynet.io.check_state_values({"bn.num_batches_tracked": np.array(1.5)}, "f.npz")
+    tinynet.io.check_state_values({"bn.num_batches_tracked": np.array(3), "w": np.ones(2, np.float16)}, "f.npz")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_data_parallel_files_load_with_the_prefix_stripped(tmp_path, prefix):
+    sd = load_weights(RESNET_PTH)
+    path = save_weights({prefix + k: v for k, v in sd.items()}, tmp_path / "dp.npz")
+    model = resnet18(10, head="linear", width=8)
+    assert load_into(model, path) == nn.LoadResult([], [], [])
+    np.testing.assert_array_equal(model.conv1.weight.data, sd["conv1.weight"])
+
+
+def test_a_file_with_no_matching_key_says_so(tmp_path):
+    sd = load_weights(RESNET_PTH)
+    path = save_weights({"backbone." + k: v for k, v in sd.items()}, tmp_path / "other.npz")
+    for strict in (True, False):
+        with pytest.raises(nn.StateDictError, match=r"none of the file's 122 keys matches a key of the ResNet "
+                                                    r"\('backbone.conv1.weight'.*prefix"):
+            load_into(resnet18(10, head="linear", width=8), path, strict=strict)
+
+
 @pytest.mark.gpu
 def test_save_weights_from_the_gpu(tmp_path):
     if not backend.gpu_available():

@@ -176,7 +176,7 @@ def check_state_values(state_dict, path) -> None:
                     f"or is corrupt: use an earlier one")
         if leaf == "running_var" and array.size and array.dtype.kind in "fiu" and array.min() < 0:
             raise WeightsValueError(
-                f"{name} holds negative variances (smallest {array.min()!r}); a BatchNorm running_var is "
+                f"{name} holds negative variances (smallest {float(array.min()):g}); a BatchNorm running_var is "
                 f"never negative, so the file is corrupt or was edited")
         if leaf == "num_batches_tracked":
             if array.dtype.kind not in "iu" or array.size != 1:
