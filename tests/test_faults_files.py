@@ -291,3 +291,120 @@ def test_pickle_limits_are_configurable_and_a_real_checkpoint_is_far_below_them(
     with zipfile.ZipFile(fixture) as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
     scan_pickle(data, "fixture", Limits(max_pickle_depth=8))  # a torchvision state dict nests at most 8 deep
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: edited metadata and values no run can continue from
+# ---------------------------------------------------------------------------
+def _small_bn_model():
+    from tinynet import nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+def _checkpoint(tmp_path):
+    from tinynet import optim
+    from tinynet.train import save_checkpoint
+    model = _small_bn_model()
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # one step, so that Adam has moments and a step count to save
+        p.grad = np.ones_like(p.data)
+    opt.step()
+    sched = optim.lr_scheduler.StepLR(opt, step_size=2)
+    history = {"epochs": [{"epoch": 1, "train_loss": 0.7, "train_acc": 0.5, "val_loss": 0.6, "val_acc": 0.5,
+                           "seconds": 1.0, "images_per_second": 10.0, "lr": 1e-3}]}
+    path = save_checkpoint(tmp_path / "checkpoint.npz", model, opt, sched, epoch=1, history=history,
+                           extra={"seed": 0})
+    return path
+
+
+def _fresh_training_state():
+    from tinynet import optim
+    model = _small_bn_model()
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    return model, opt, optim.lr_scheduler.StepLR(opt, step_size=2)
+
+
+def _edit_checkpoint(path, edit_meta=None, edit_arrays=None):
+    arrays = dict(load_weights(path))
+    meta = json.loads(arrays["__meta__"].tobytes())
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(meta):
+        node = meta
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("epoch", "3"), "epoch is '3', expected an int >= 0"),
+    (_set("batch", -1), "batch is -1"),
+    (_set("optimizer", "param_groups", 0, "lr", "fast"), r"param_groups\[0\].lr is 'fast', expected a finite number"),
+    (_set("optimizer", "param_groups", 0, "params", "all"), r"param_groups\[0\] is not an object with params"),
+    (_set("optimizer", "param_groups", [1]), r"param_groups\[0\] is not an object"),
+    (_set("optimizer", "scalars", "0", "step", "x"), r"scalars\['0'\] is .*expected finite numbers >= 0"),
+    (_set("optimizer", "scalars", "0", "step", -5), r"scalars\['0'\]"),
+    (_set("scheduler", "last_epoch", "a"), "scheduler is not an object with last_epoch"),
+    (_set("history", "epochs", [{"bogus": 1}]), "history cannot be read"),
+    (_set("history", "epochs", 0, "lr", "x"), "history holds a value that is not a number"),
+    (_set("extra", "_partial_epoch", {"loss_sum": "x"}), "extra._partial_epoch is"),
+    (_set("model_keys", 3), "model_keys is not a list of str"),
+    (_set("optimizer", 7), "optimizer is not an object"),
+])
+def test_edited_checkpoint_metadata_is_one_line_checkpoint_error(tmp_path, edit, message):
+    path = _checkpoint(tmp_path)
+    _edit_checkpoint(path, edit)
+    model, opt, sched = _fresh_training_state()
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path, model, opt, sched)
+    assert "\n" not in str(info.value) and str(path) in str(info.value) and "edited" in str(info.value)
+
+
+def _poison(key, value):
+    def edit(arrays):
+        arrays[key] = arrays[key].copy()
+        arrays[key].reshape(-1)[0] = value
+    return edit
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model/0.weight", np.nan, r"tensor '0.weight'.* holds 1 NaN or infinite"),
+    ("model/1.running_var", -1.0, r"tensor '1.running_var' holds negative variances"),
+    ("model/1.num_batches_tracked", -2, r"tensor '1.num_batches_tracked' is -2"),
+    ("optimizer/0/exp_avg_sq", np.inf, r"tensor 'optimizer/0/exp_avg_sq'.* holds 1 NaN or infinite"),
+])
+def test_checkpoint_with_values_no_run_can_continue_from_is_refused(tmp_path, key, value, message):
+    """Resuming from it used to train to NaN, then call it 'the last good checkpoint' and blame the rate."""
+    path = _checkpoint(tmp_path)
+    assert key in load_weights(path), sorted(load_weights(path))
+    _edit_checkpoint(path, edit_arrays=_poison(key, value))
+    model, opt, sched = _fresh_training_state()
+    before = {k: np.array(v) for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} cannot be resumed: {message}"):
+        load_checkpoint(path, model, opt, sched)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_cli_resume_from_a_nan_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    args = ("cnn", "--data", data, "--out", tmp_path / "out", "--image-size", "16", "--epochs", "1", "--no-progress")
+    status, _, err = call_main(capsys, *args)
+    assert status == 0, err
+    path = tmp_path / "out" / "checkpoint.npz"
+    first = sorted(k for k in load_weights(path) if k.startswith("model/"))[0]
+    _edit_checkpoint(path, edit_arrays=_poison(first, np.nan))
+    status, _, err = call_main(capsys, *args[:-2], "2", "--no-progress", "--resume")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "NaN or infinite" in err and first[len("model/"):] in err and "learning rate" not in err

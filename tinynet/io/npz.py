@@ -77,12 +77,12 @@ def read_npz(zf: zipfile.ZipFile, path, limits: Limits) -> "collections.OrderedD
             raise WeightsFileError(
                 f"{path}: array {short_repr(key)} has unsupported dtype {dtype}; expected bool, int8/16/32/64, "
                 f"uint8/16/32/64 or float16/32/64")
-        check_shape(shape, dtype.itemsize, f"{path}: array {short_repr(key)}", limits)
         if math.prod(shape) * dtype.itemsize > info.file_size:
             raise WeightsFileError(
                 f"{path}: array {short_repr(key)} claims shape {shape} of {dtype} "
                 f"({math.prod(shape) * dtype.itemsize} bytes) in a member of {info.file_size} bytes; "
                 f"the file is corrupt")
+        check_shape(shape, dtype.itemsize, f"{path}: array {short_repr(key)}", limits)
         headers.append((key, info))
     out = collections.OrderedDict()
     for key, info in headers:
