@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
+import tokenize
 import zipfile
 
 import numpy as np
@@ -47,7 +48,9 @@ def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path):
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
             else:  # 3.0 only adds UTF-8 field names of structured dtypes, which no weight has
                 raise ValueError(f".npy format version {version}, expected (1, 0) or (2, 0)")
-    except (*ZIP_READ_ERRORS, SyntaxError) as exc:  # SyntaxError: a header that is not a Python literal
+    except (*ZIP_READ_ERRORS, SyntaxError, TypeError, tokenize.TokenError, RecursionError) as exc:
+        # numpy parses the header as a Python literal (tokenize, then ast.literal_eval): a damaged one
+        # raises SyntaxError or TokenError; a literal of the wrong types (a shape of strings) TypeError.
         raise WeightsFileError(
             f"{path}: member {short_repr(info.filename)} is not a readable .npy array ({str(exc)[:200]}); the "
             f"file is truncated or corrupt") from None

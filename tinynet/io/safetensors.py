@@ -110,7 +110,7 @@ def _parse_entry(key, info, path, limits: Limits) -> tuple[str, np.dtype, tuple,
             f"{path}: header entry {name} is {short_repr(info)}; expected an object with dtype, shape and "
             f"data_offsets")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if code not in _DTYPES:
+    if not (isinstance(code, str) and code in _DTYPES):
         raise WeightsFileError(f"{path}: {name} has unsupported dtype {short_repr(code)}; tinynet reads "
                                f"{', '.join(_DTYPES)}")
     if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(is_index(d) for d in shape)):
