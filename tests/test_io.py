@@ -736,6 +736,20 @@ def test_corrupt_zip_member_is_refused(tmp_path, fmt):
         load_weights(bad)
 
 
+@pytest.mark.parametrize("fmt", ["pth", "npz"])
+def test_zip_whose_end_record_hides_its_members_is_refused(tmp_path, fmt):
+    """Found by the fuzzer: zeroed member counts in the end record made zipfile see an empty archive
+    (the members taken for bytes prepended to it), which loaded as an empty state dict."""
+    path = _valid_files(tmp_path)[fmt] if fmt == "npz" else _write_pth(tmp_path / "v.pth", _small_state_dict())
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")  # (torch.save's own files also have a zip64 end record, which zipfile prefers)
+    data[end + 6:end + 14] = bytes(8)  # entries on this disk, entries in total, size of the directory
+    bad = tmp_path / f"hidden.{fmt}"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"lists 0 member\(s\) and leaves the first \d+ bytes"):
+        load_weights(bad)
+
+
 def test_empty_state_dict_round_trips(tmp_path):
     for ext in (".npz", ".safetensors"):
         assert load_weights(save_weights({}, tmp_path / f"e{ext}")) == collections.OrderedDict()

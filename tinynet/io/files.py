@@ -159,14 +159,25 @@ def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
     """Open a zip archive, turning "not a zip" into a message that suspects truncation.
 
     The central directory sits at the end of a zip, so a truncated download is
-    the usual reason it cannot be found.
+    the usual reason it cannot be found.  :mod:`zipfile` also accepts bytes
+    before the first member (a zip appended to another file), and then trusts
+    the end record's counts: zeroing them makes any archive read as empty,
+    which would load as an empty state dict.  PyTorch and numpy write the
+    first member at byte 0, so anything else is refused as corrupt.
     """
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
         raise WeightsFileError(
-            f"{path}: starts like a zip archive but cannot be opened as one ({exc}); "
+            f"{path}: starts like a zip archive but cannot be opened as one ({str(exc)[:200]}); "
             f"the file is probably truncated (an interrupted download?) or corrupt") from None
+    first = min((info.header_offset for info in zf.infolist()), default=zf.start_dir)
+    if first != 0:
+        zf.close()
+        raise WeightsFileError(
+            f"{path}: the zip's central directory lists {len(zf.infolist())} member(s) and leaves the first "
+            f"{first} bytes of the file unexplained; the file is corrupt")
+    return zf
 
 
 def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits) -> None:
