@@ -261,7 +261,7 @@ def test_pickles_nested_or_shared_to_exhaust_the_reader_are_refused_quickly(tmp_
     got = measure_load(path)
     assert got["kind"] == "WeightsLimitError", got
     assert str(path) in got["message"] and got["length"] < 400, got
-    assert re.search(r"nest more than 100 deep|holds more than 1000000 objects", got["message"]), got
+    assert re.search(r"nest more than 100 deep|holds more than 200000 objects", got["message"]), got
     assert got["seconds"] < 0.5 and got["extra_mb"] < 100, got
 
 
@@ -290,7 +290,7 @@ def test_pickle_limits_are_configurable_and_a_real_checkpoint_is_far_below_them(
     fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "resnet18_w8.pth"
     with zipfile.ZipFile(fixture) as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
-    scan_pickle(data, "fixture", Limits(max_pickle_depth=8))  # a torchvision state dict nests at most 8 deep
+    scan_pickle(data, "fixture", Limits(max_pickle_depth=6))  # a torchvision state dict nests 6 deep
 
 
 # ---------------------------------------------------------------------------

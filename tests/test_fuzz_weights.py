@@ -208,7 +208,8 @@ def test_fuzz_raw_byte_edits(seeds, tmp_path, fmt):
     @SETTINGS
     @given(ops=_byte_edits(len(data)))
     def run(ops):
-        _check(f"raw {fmt}", tmp_path / f"m.{fmt}", _apply(data, ops), originals[fmt], values_must_match=fmt != "safetensors")
+        _check(f"raw {fmt}", tmp_path / f"m.{fmt}", _apply(data, ops), originals[fmt],
+               values_must_match=fmt != "safetensors")
 
     run()
 

@@ -446,7 +446,8 @@ def test_unknown_storage_type_in_a_storage_id_is_refused(tmp_path):
 @pytest.mark.parametrize("type_name", ["ComplexFloatStorage", "QInt8Storage"])
 def test_legitimate_but_unsupported_storage_dtypes_are_unsupported_not_unsafe(tmp_path, type_name):
     s = _Storage("0", np.zeros(2, np.float32), type_name=type_name, numel=1)
-    with pytest.raises(WeightsFileError, match=f"unsupported dtype: a tensor is stored through torch.{type_name}") as info:
+    message = f"unsupported dtype: a tensor is stored through torch.{type_name}"
+    with pytest.raises(WeightsFileError, match=message) as info:
         load_weights(_write_pth(tmp_path / "c.pth", {"w": _tensor(s)}))
     assert not isinstance(info.value, UnsafeFileError) and "unsafe" not in str(info.value).replace("not unsafe", "")
 
@@ -746,7 +747,14 @@ def test_zip_whose_end_record_hides_its_members_is_refused(tmp_path, fmt):
     data[end + 6:end + 14] = bytes(8)  # entries on this disk, entries in total, size of the directory
     bad = tmp_path / f"hidden.{fmt}"
     bad.write_bytes(bytes(data))
-    with pytest.raises(WeightsFileError, match=r"lists 0 member\(s\) and leaves the first \d+ bytes"):
+    with pytest.raises(WeightsFileError, match=r"lists 0 member\(s\), but \d+ bytes before byte \d+ belong to none"):
+        load_weights(bad)
+    # A comment length 256 bytes too long swallows the next directory entry: one array less, silently.
+    data = bytearray(path.read_bytes())
+    entry = data.find(b"PK\x01\x02")
+    data[entry + 33] += 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match="belong to none of them"):
         load_weights(bad)
 
 

@@ -79,11 +79,14 @@ class Limits:
         deflated zeros a bomb is made of.
     max_pickle_depth
         How deep containers (tuples, lists, dicts, calls) may nest in a
-        ``.pth`` pickle; a checkpoint nests about 8 deep.
+        ``.pth`` pickle; a torch.save state dict nests 6 deep, a
+        training checkpoint with optimizer state 9.
     max_pickle_items
         Opcodes in a ``.pth`` pickle, and objects any one value in it would
         expand to if every shared (memoised) part were copied; a state dict
-        takes about 40 per tensor, so a million allows 25,000 tensors.
+        takes about 40 per tensor, so 200,000 allows 5,000 tensors (a
+        ViT-L checkpoint with AdamW moments has about 1,200); scanning that
+        many takes about a second, and 15 MB.
     ratio_free_bytes
         Bytes a zip may inflate to whatever its compression ratio.
     """
@@ -93,7 +96,7 @@ class Limits:
     max_header_bytes: int = 100_000_000
     max_compression_ratio: int = 100
     max_pickle_depth: int = 100
-    max_pickle_items: int = 1_000_000
+    max_pickle_items: int = 200_000
     ratio_free_bytes: int = 64 * MiB
 
     def __post_init__(self):
@@ -156,14 +159,17 @@ def check_weights_path(path) -> tuple[pathlib.Path, int]:
 
 
 def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
-    """Open a zip archive, turning "not a zip" into a message that suspects truncation.
+    """Open a zip archive whose directory accounts for every byte before it; else a clear error.
 
     The central directory sits at the end of a zip, so a truncated download is
-    the usual reason it cannot be found.  :mod:`zipfile` also accepts bytes
-    before the first member (a zip appended to another file), and then trusts
-    the end record's counts: zeroing them makes any archive read as empty,
-    which would load as an empty state dict.  PyTorch and numpy write the
-    first member at byte 0, so anything else is refused as corrupt.
+    the usual reason it cannot be found.  :mod:`zipfile` trusts that
+    directory and skips whatever it does not list: bytes before the first
+    member (a zip appended to another file), or a member whose directory
+    entry a damaged comment length swallowed.  Zeroed counts in the end
+    record make any archive read as empty, and a swallowed entry drops one
+    array; either would load as a smaller state dict without a word.  So
+    the members' local records must tile the file from byte 0 up to the
+    directory (:func:`_check_layout`), as PyTorch and numpy write them.
     """
     try:
         zf = zipfile.ZipFile(path)
@@ -171,13 +177,43 @@ def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
         raise WeightsFileError(
             f"{path}: starts like a zip archive but cannot be opened as one ({str(exc)[:200]}); "
             f"the file is probably truncated (an interrupted download?) or corrupt") from None
-    first = min((info.header_offset for info in zf.infolist()), default=zf.start_dir)
-    if first != 0:
+    try:
+        _check_layout(zf, path)
+    except BaseException:
         zf.close()
-        raise WeightsFileError(
-            f"{path}: the zip's central directory lists {len(zf.infolist())} member(s) and leaves the first "
-            f"{first} bytes of the file unexplained; the file is corrupt")
+        raise
     return zf
+
+
+#: Sizes of the data descriptor that may follow a member written with flag bit 3 (no sizes known
+#: in advance): crc + sizes (12, or 20 with zip64's 8-byte sizes), optionally after a 4-byte signature.
+_DESCRIPTOR_SIZES = (12, 16, 20, 24)
+
+
+def _check_layout(zf: zipfile.ZipFile, path) -> None:
+    """Refuse an archive whose members, in order, do not fill the bytes before its central directory."""
+    position, descriptor = 0, False  # where the next record must start; may a data descriptor come first?
+    for info in sorted(zf.infolist(), key=lambda i: i.header_offset):
+        _check_next_record(info.header_offset, position, descriptor, zf, path)
+        zf.fp.seek(info.header_offset)
+        local = zf.fp.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise WeightsFileError(f"{path}: member {short_repr(info.filename)} has no local header at byte "
+                                   f"{info.header_offset}; the file is truncated or corrupt")
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        position = info.header_offset + 30 + name_length + extra_length + info.compress_size
+        descriptor = bool(info.flag_bits & 0x08)
+    _check_next_record(zf.start_dir, position, descriptor, zf, path)
+
+
+def _check_next_record(start: int, expected: int, descriptor: bool, zf: zipfile.ZipFile, path) -> None:
+    gap = start - expected
+    if gap == 0 or (descriptor and gap in _DESCRIPTOR_SIZES):
+        return
+    raise WeightsFileError(
+        f"{path}: the zip's central directory lists {len(zf.infolist())} member(s), but "
+        + (f"{gap} bytes before byte {start} belong to none of them" if gap > 0 else f"two records overlap at byte {start}")
+        + " (a hidden member, or a damaged directory); the file is corrupt")
 
 
 def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits) -> None:

@@ -126,8 +126,9 @@ def _meta_problem(meta: dict) -> str | None:
     if not isinstance(meta.get("extra", {}), dict):
         return f"extra is a {type(meta['extra']).__name__}, expected an object"
     partial = (meta.get("extra") or {}).get("_partial_epoch")
-    if partial is not None and not (isinstance(partial, dict) and partial.keys() <= {"loss_sum", "correct", "seen", "skipped"}
-                                    and all(_is_number(v) and v >= 0 for v in partial.values())
+    if partial is not None and not (isinstance(partial, dict)
+                                    and all(_is_number(partial.get(k, 0)) and partial.get(k, 0) >= 0
+                                            for k in ("loss_sum", "correct", "seen", "skipped"))
                                     and all(_is_int(partial.get(k, 0)) for k in ("correct", "seen", "skipped"))):
         return f"extra._partial_epoch is {short_repr(partial)}, expected running sums loss_sum, correct, seen, skipped"
     opt = meta.get("optimizer")
@@ -145,7 +146,8 @@ def _meta_problem(meta: dict) -> str | None:
         for index, scalars in opt["scalars"].items():
             if not (index.isdigit() and isinstance(scalars, dict)
                     and all(_is_number(v) and v >= 0 for v in scalars.values())):
-                return f"optimizer.scalars[{short_repr(index)}] is {short_repr(scalars)}, expected finite numbers >= 0 (step counts)"
+                return (f"optimizer.scalars[{short_repr(index)}] is {short_repr(scalars)}, expected finite numbers "
+                        f">= 0 (step counts)")
     sched = meta.get("scheduler")
     if sched is not None and not (isinstance(sched, dict) and _is_int(sched.get("last_epoch"))
                                   and isinstance(sched.get("base_lrs"), list)
