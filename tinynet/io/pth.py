@@ -67,6 +67,7 @@ import io
 import math
 import pickle
 import pickletools
+import warnings
 import zipfile
 
 import numpy as np
@@ -374,14 +375,15 @@ def scan_pickle(data: bytes, where: str, limits: Limits | None = None) -> None:
 
     * opcodes outside :data:`_ALLOWED_OPCODES` (the EXT ones as unsafe);
     * more than ``limits.max_pickle_items`` opcodes;
-    * nesting deeper than ``limits.max_pickle_depth``.  A tuple nested a
-      million deep takes 2 MB to write; building it is fine, but every
-      recursive walk (``repr``, comparison, ``str.format``) overflows the C
-      stack and kills the interpreter;
+    * nesting deeper than ``limits.max_pickle_depth``, or more MARKs open
+      at once.  A tuple nested a million deep takes 1 MB to write; building
+      it is cheap, but every recursive walk of it (``repr``, ``==``) ends in
+      a RecursionError, or, in C code without a recursion check, overflows
+      the stack and kills the interpreter;
     * an object that would expand to more than ``limits.max_pickle_items``
-      objects.  Through the memo, each level of an 800-byte pickle can hold
-      the previous level twice: 40 levels make 2**40 paths, which any walk
-      follows for hours;
+      objects.  Through the memo, each level of a pickle of a few hundred
+      bytes can hold the previous level twice: 40 levels make 2**40 paths,
+      which any walk (``repr`` in an error message) follows for hours;
     * changing a list, dict or set after it was put inside another object,
       or putting it inside itself (a state dict never does either; allowing
       them would let a pickle nest objects without the nesting showing up
@@ -533,16 +535,20 @@ def read_pth(zf: zipfile.ZipFile, prefix: str, path, limits: Limits) -> "collect
             f"{path}: {info.filename} is {info.file_size} bytes, more than the limit of {limits.max_pickle_bytes} "
             f"(Limits.max_pickle_bytes; a ResNet50 state dict needs about 40 kB)")
     data = read_member(zf, info, path)
-    scan_pickle(data, f"{path}: {info.filename}", limits)
-    unpickler = StateDictUnpickler(data, zf, prefix, path, limits)
-    try:
-        obj = unpickler.load()
-    except WeightsFileError:
-        raise
-    except Exception as exc:  # a malformed pickle can raise a dozen types (UnpicklingError, EOFError, TypeError...)
-        raise WeightsFileError(
-            f"{path}: {info.filename} is not a valid state-dict pickle ({type(exc).__name__}: {exc}); "
-            f"the file is truncated or corrupt") from None
+    with warnings.catch_warnings():
+        # Protocol 0's STRING opcode is decoded with Python's escapes; an invalid one ("\\_") is a
+        # DeprecationWarning in both pickletools and the unpickler, noise about the file, not the program.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scan_pickle(data, f"{path}: {info.filename}", limits)
+        unpickler = StateDictUnpickler(data, zf, prefix, path, limits)
+        try:
+            obj = unpickler.load()
+        except WeightsFileError:
+            raise
+        except Exception as exc:  # a malformed pickle can raise a dozen types (UnpicklingError, EOFError...)
+            raise WeightsFileError(
+                f"{path}: {info.filename} is not a valid state-dict pickle ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); the file is truncated or corrupt") from None
     return _unwrap(obj, path)
 
 

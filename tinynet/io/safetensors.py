@@ -163,6 +163,8 @@ def read_safetensors(path, size: int, limits: Limits) -> "collections.OrderedDic
                         array = bfloat16_to_float32(np.frombuffer(f.read(end - begin), dtype).reshape(shape))
                     else:
                         array = st.get_tensor(key)
+                    if code == "BOOL":  # a byte other than 0 or 1 would be a bool that is neither
+                        array = array.view(np.uint8) != 0
                     out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
         except WeightsFileError:
             raise

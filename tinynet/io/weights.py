@@ -289,7 +289,8 @@ def load_into(model: Module, path, strict: bool = True, skip_prefixes=(), **limi
     if skip_prefixes:
         state_dict = collections.OrderedDict(
             (k, v) for k, v in state_dict.items() if not k.startswith(skip_prefixes))
-    if state_dict and not any(k in state_dict for k in model_keys if not k.startswith(skip_prefixes or ("\0",))):
+    wanted = [k for k in model_keys if not (skip_prefixes and k.startswith(skip_prefixes))]
+    if state_dict and not any(k in state_dict for k in wanted):
         file_keys = list(state_dict)
         raise StateDictError(
             f"{path}: none of the file's {len(file_keys)} keys matches a key of the {type(model).__name__} "
