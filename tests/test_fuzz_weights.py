@@ -20,7 +20,7 @@ edited and the archive rebuilt with valid CRCs (this reaches the pickle scanner
 and the ``.npy`` header parser), and a safetensors header's JSON fields replaced
 by other JSON values.
 
-Budget: ``EXAMPLES`` inputs per fuzzer (about 30 s for all of them on two
+Budget: ``EXAMPLES`` (500) inputs per fuzzer (3,000 in all, about 20 s on two
 cores); ``TINYNET_FUZZ=N`` multiplies it (and drops the fixed seed) for a
 longer campaign, e.g. ``TINYNET_FUZZ=20 pytest tests/test_fuzz_weights.py -s``,
 which prints how many inputs each fuzzer tried and what came of them.
@@ -48,7 +48,7 @@ from tinynet.io.files import SAVE_DTYPES  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 FUZZ = max(1, int(os.environ.get("TINYNET_FUZZ", "1") or 1))
-EXAMPLES = 250 * FUZZ
+EXAMPLES = 500 * FUZZ
 SECONDS = 2.0  # per input; the files are a few kB, every reader answers in milliseconds
 EXTRA_ADDRESS_SPACE = 2 << 30
 LIMITS = {"max_bytes": 64 << 20}  # keeps what a mutated size can claim small, as a careful caller would
