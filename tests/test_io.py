@@ -249,7 +249,8 @@ def test_round_trip_is_exact(tmp_path, ext):
     path = save_weights(sd, tmp_path / f"w{ext}")
     assert path == tmp_path / f"w{ext}"
     back = load_weights(path)
-    assert list(back) == list(sd)
+    # The safetensors writer sorts tensors by dtype size, then name (for alignment); .npz keeps the order.
+    assert list(back) == list(sd) if ext == ".npz" else sorted(back) == sorted(sd)
     for key, value in sd.items():
         assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
         np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -281,15 +282,29 @@ def test_model_round_trip_through_a_file(tmp_path, ext):
 
 
 def test_safetensors_writer_layout(tmp_path):
-    """The header lists tensors in order, back to back, padded so the data section is 8-byte aligned."""
+    """The safetensors package lays the file out: back to back, the data section 8-byte aligned."""
     path = save_weights(collections.OrderedDict(b=np.ones(3, np.float16), a=np.arange(2)), tmp_path / "w.safetensors")
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and len(raw) == 8 + n + 6 + 16
     header = json.loads(raw[8:8 + n])
-    assert list(header) == ["b", "a"]
-    assert header["b"] == {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}
-    assert header["a"] == {"dtype": "I64", "shape": [2], "data_offsets": [6, 22]}
+    assert header["a"] == {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}  # 8-byte items first
+    assert header["b"] == {"dtype": "F16", "shape": [3], "data_offsets": [16, 22]}
+
+
+def test_safetensors_metadata_round_trips(tmp_path):
+    meta = {"classes": json.dumps(["cat", "dog"]), "image_size": "64"}
+    path = save_weights({"w": np.ones(2, np.float32)}, tmp_path / "m.safetensors", metadata=meta)
+    assert tinynet.io.read_metadata(path) == meta
+    state, got = load_weights(path, with_metadata=True)
+    assert got == meta and list(state) == ["w"]
+    assert tinynet.io.read_metadata(save_weights({"w": np.ones(2)}, tmp_path / "n.safetensors")) == {}
+    assert tinynet.io.read_metadata(save_weights({"w": np.ones(2)}, tmp_path / "n.npz")) == {}
+    with pytest.raises(ValueError, match="only .safetensors files hold metadata"):
+        save_weights({"w": np.ones(2)}, tmp_path / "x.npz", metadata=meta)
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        save_weights({"w": np.ones(2)}, tmp_path / "x.safetensors", metadata={"size": 64})
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_safetensors_reads_bf16_and_metadata(tmp_path):
@@ -413,7 +428,7 @@ def test_eval_payload_after_real_tensors_is_refused(tmp_path):
 
 @pytest.mark.parametrize("module, name", [
     ("subprocess", "Popen"), ("builtins", "getattr"), ("__builtin__", "eval"), ("numpy", "load"),
-    ("torch", "UntypedStorage"), ("torch", "ComplexFloatStorage"), ("torch._utils", "_rebuild_tensor"),
+    ("torch", "UntypedStorage"), ("torch._utils", "_rebuild_tensor"),
     ("torch.serialization", "_get_layout"), ("torch", "device"), ("collections", "defaultdict"),
 ])
 def test_any_other_global_is_refused(tmp_path, module, name):
@@ -423,9 +438,27 @@ def test_any_other_global_is_refused(tmp_path, module, name):
 
 
 def test_unknown_storage_type_in_a_storage_id_is_refused(tmp_path):
-    s = _Storage("0", np.zeros(2, np.float32), type_name="QInt8Storage")
-    with pytest.raises(UnsafeFileError, match="torch.QInt8Storage"):
+    s = _Storage("0", np.zeros(2, np.float32), type_name="NoSuchStorage")
+    with pytest.raises(UnsafeFileError, match="torch.NoSuchStorage"):
         load_weights(_write_pth(tmp_path / "q.pth", {"w": _tensor(s)}))
+
+
+@pytest.mark.parametrize("type_name", ["ComplexFloatStorage", "QInt8Storage"])
+def test_legitimate_but_unsupported_storage_dtypes_are_unsupported_not_unsafe(tmp_path, type_name):
+    s = _Storage("0", np.zeros(2, np.float32), type_name=type_name, numel=1)
+    message = f"unsupported dtype: a tensor is stored through torch.{type_name}"
+    with pytest.raises(WeightsFileError, match=message) as info:
+        load_weights(_write_pth(tmp_path / "c.pth", {"w": _tensor(s)}))
+    assert not isinstance(info.value, UnsafeFileError) and "unsafe" not in str(info.value).replace("not unsafe", "")
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "complex64", "uint32"])
+def test_torch_files_of_unsupported_dtypes_say_unsupported(tmp_path, dtype):
+    torch = torch_or_skip()
+    torch.save({"w": torch.zeros(3, dtype=getattr(torch, dtype))}, tmp_path / "u.pth")
+    with pytest.raises(WeightsFileError, match="unsupported dtype") as info:
+        load_weights(tmp_path / "u.pth")
+    assert not isinstance(info.value, UnsafeFileError)
 
 
 @pytest.mark.parametrize("obj, message", [
@@ -520,11 +553,59 @@ def test_members_larger_than_the_limit_are_refused(tmp_path):
     assert load_weights(path, max_bytes=8000)["w"].shape == (1024,)
 
 
-def test_deflated_zeros_are_refused_by_ratio(tmp_path):
-    zeros = _Storage("0", np.zeros(1 << 18, np.float32))  # 1 MiB that deflates to ~1 kB
-    path = _write_pth(tmp_path / "bomb.pth", {"w": _tensor(zeros)}, compression=zipfile.ZIP_DEFLATED)
+def _rezip(src: pathlib.Path, dst: pathlib.Path, level: int = 6) -> pathlib.Path:
+    """``src`` with every member deflated, as ``zip -r`` or a model hub's repacking writes it."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+def test_rezipped_torch_save_of_a_fresh_resnet18_loads(tmp_path):
+    """Its all-zero biases and running means deflate >100:1; the weights beside them do not compress at all."""
+    torch = torch_or_skip()
+    sd = resnet18(1000, head="linear").state_dict()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, tmp_path / "resnet18.pth")
+    path = _rezip(tmp_path / "resnet18.pth", tmp_path / "resnet18-deflated.pth")
+    with zipfile.ZipFile(path) as zf:
+        ratios = [i.file_size / i.compress_size for i in zf.infolist() if i.compress_size]
+    assert max(ratios) > 100  # the member that the per-member ratio check refused
+    back = load_weights(path)
+    assert list(back) == list(sd)
+    for key, value in sd.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def _zip_of_zeros(path, members: int, member_bytes: int) -> pathlib.Path:
+    zeros = bytes(min(member_bytes, 1 << 20))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for i in range(members):
+            with zf.open(f"archive/data/{i}", "w") as f:
+                for _ in range(member_bytes // len(zeros)):
+                    f.write(zeros)
+        zf.writestr("archive/data.pkl", b"\x80\x02}.")
+    return pathlib.Path(path)
+
+
+@pytest.mark.parametrize("members, member_bytes", [(1, 80 << 20), (1280, 64 << 10)])
+def test_zip_bombs_are_refused_before_anything_is_inflated(tmp_path, members, member_bytes):
+    """80 MiB in one member, or in 1280 small ones, each in a file of ~0.1-0.2 MB: the total is refused."""
+    path = _zip_of_zeros(tmp_path / "bomb.pth", members, member_bytes)
+    assert path.stat().st_size < 1 << 20
     with pytest.raises(WeightsLimitError, match=r"ratio \d+:1\), more than the limit of 100:1"):
         load_weights(path)
+    npz_path = _zip_of_zeros(tmp_path / "bomb.npz", members, member_bytes)
+    with pytest.raises(WeightsLimitError, match=r"more than the limit of 100:1"):
+        load_weights(npz_path)
+
+
+def test_compression_ratio_limits_are_configurable(tmp_path):
+    path = _rezip(_write_pth(tmp_path / "z.pth", {"w": _tensor(_Storage("0", np.zeros(1 << 18, np.float32)))}),
+                  tmp_path / "zd.pth", level=9)  # 1 MiB of zeros in a file of ~2 kB
+    assert load_weights(path)["w"].shape == (1 << 18,)  # under ratio_free_bytes: never refused by ratio
+    with pytest.raises(WeightsLimitError, match="Limits.ratio_free_bytes"):
+        load_weights(path, ratio_free_bytes=1 << 19)
+    assert load_weights(path, ratio_free_bytes=1 << 19, max_compression_ratio=10_000)["w"].shape == (1 << 18,)
 
 
 def test_declared_size_is_checked_before_anything_is_inflated(tmp_path):
@@ -577,16 +658,20 @@ _ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     (b"{not json", b"", None, WeightsFileError, "not valid UTF-8 JSON"),
     (b'{"a": 1, "a": 2}', b"", None, WeightsFileError, "'a' appears twice"),
     ({"a": {"dtype": "F32", "shape": [2]}}, b"", None, WeightsFileError, "expected an object with dtype"),
-    ({"a": {**_ENTRY, "dtype": "C64"}}, bytes(8), None, WeightsFileError, "dtype 'C64'"),
+    ({"a": {**_ENTRY, "dtype": "C64"}}, bytes(8), None, WeightsFileError, "unsupported dtype 'C64'"),
+    ({"a": {"dtype": "F32", "shape": [0, 2 ** 62], "data_offsets": [0, 0]}}, b"", None, WeightsFileError,
+     r"'a': shape \(0, 4611686018427387904\) is not a real array"),
     ({"a": {**_ENTRY, "shape": [-2]}}, bytes(8), None, WeightsFileError, "shape"),
     ({"a": {**_ENTRY, "shape": [3]}}, bytes(8), None, WeightsFileError, r"12 bytes, but its data_offsets \[0, 8\] span 8"),
     ({"a": {**_ENTRY, "data_offsets": [8, 0]}}, bytes(8), None, WeightsFileError, "0 <= begin <= end"),
-    ({"a": {**_ENTRY, "data_offsets": [8, 16]}}, bytes(8), None, WeightsFileError, "belong to no tensor"),
+    # Layout errors come from the safetensors package, wrapped: a hole, an overlap, too few or too many bytes.
+    ({"a": {**_ENTRY, "data_offsets": [8, 16]}}, bytes(8), None, WeightsFileError, "invalid offset for tensor `a`"),
     ({"a": _ENTRY, "b": {**_ENTRY, "data_offsets": [4, 12]}}, bytes(12), None, WeightsFileError,
-     "inside 'a'.*must not overlap"),
-    ({"a": _ENTRY}, bytes(4), None, WeightsFileError, "end at byte 8 .* has 4 bytes; the file is truncated"),
-    ({"a": _ENTRY}, bytes(12), None, WeightsFileError, "trailing bytes"),
-    ({"__metadata__": [1], "a": _ENTRY}, bytes(8), None, WeightsFileError, "__metadata__ is a list"),
+     "invalid offset for tensor `b`"),
+    ({"a": _ENTRY}, bytes(4), None, WeightsFileError, "not a valid .safetensors file .*not fully covered"),
+    ({"a": _ENTRY}, bytes(12), None, WeightsFileError, "not a valid .safetensors file .*not fully covered"),
+    ({"__metadata__": [1], "a": _ENTRY}, bytes(8), None, WeightsFileError, r"__metadata__ is \[1\], expected"),
+    ({"__metadata__": {"n": 1}, "a": _ENTRY}, bytes(8), None, WeightsFileError, "expected an object of str -> str"),
     (b"[1]", b"", None, WeightsFileError, "unknown format"),  # no '{' at byte 8: not taken for safetensors
 ])
 def test_bad_safetensors_are_refused(tmp_path, header, data, header_len, error, message):
@@ -611,7 +696,7 @@ def test_object_array_npz_is_refused(tmp_path):
 
 def test_npz_with_strings_single_npy_and_foreign_zip_are_refused(tmp_path):
     np.savez(tmp_path / "s.npz", names=np.array(["cat", "dog"]))
-    with pytest.raises(WeightsFileError, match="'names' has dtype <U3"):
+    with pytest.raises(WeightsFileError, match="'names' has unsupported dtype <U3"):
         load_weights(tmp_path / "s.npz")
     np.save(tmp_path / "one.npy", np.ones(3))
     with pytest.raises(WeightsFileError, match="single .npy array"):
@@ -649,6 +734,27 @@ def test_corrupt_zip_member_is_refused(tmp_path, fmt):
     bad = tmp_path / f"bad.{fmt}"
     bad.write_bytes(bytes(data))
     with pytest.raises(WeightsFileError, match="(?i)bad crc|corrupt"):
+        load_weights(bad)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "npz"])
+def test_zip_whose_end_record_hides_its_members_is_refused(tmp_path, fmt):
+    """Found by the fuzzer: zeroed member counts in the end record made zipfile see an empty archive
+    (the members taken for bytes prepended to it), which loaded as an empty state dict."""
+    path = _valid_files(tmp_path)[fmt] if fmt == "npz" else _write_pth(tmp_path / "v.pth", _small_state_dict())
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")  # (torch.save's own files also have a zip64 end record, which zipfile prefers)
+    data[end + 6:end + 14] = bytes(8)  # entries on this disk, entries in total, size of the directory
+    bad = tmp_path / f"hidden.{fmt}"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"lists 0 member\(s\), but \d+ bytes before byte \d+ belong to none"):
+        load_weights(bad)
+    # A comment length 256 bytes too long swallows the next directory entry: one array less, silently.
+    data = bytearray(path.read_bytes())
+    entry = data.find(b"PK\x01\x02")
+    data[entry + 33] += 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match="belong to none of them"):
         load_weights(bad)
 
 
@@ -729,6 +835,71 @@ def test_load_into_strict_errors_come_from_load_state_dict():
     assert not result.missing_keys and not result.unexpected_keys
     with pytest.raises(WeightsLimitError):  # limits pass through
         load_into(model, RESNET_PTH, max_bytes=1000)
+
+
+def test_npz_keys_that_differ_by_a_npy_suffix_load_their_own_arrays(tmp_path):
+    """np.load's NpzFile["x.npy"] reads member "x.npy", the array saved as "x": the two keys swapped values."""
+    sd = collections.OrderedDict([("x", np.zeros(2)), ("x.npy", np.ones(3)), ("x.npy.npy", np.full(4, 2.0))])
+    for path in (save_weights(sd, tmp_path / "w.npz"), tmp_path / "savez.npz"):
+        if path.name == "savez.npz":
+            np.savez(path, **sd)
+        back = load_weights(path)
+        assert list(back) == list(sd), path.name
+        for key, value in sd.items():
+            np.testing.assert_array_equal(back[key], value, err_msg=f"{path.name}: {key}")
+
+
+def _fresh_state(model):
+    return collections.OrderedDict((k, np.array(v)) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("conv1.weight", np.nan, r"tensor 'conv1.weight' \(shape \(8, 3, 7, 7\)\) holds 1 NaN or infinite value"),
+    ("layer1.0.bn2.bias", np.inf, "tensor 'layer1.0.bn2.bias'.*holds 1 NaN or infinite"),
+    ("bn1.running_var", -0.5, r"tensor 'bn1.running_var' holds negative variances \(smallest -0.5\)"),
+    ("bn1.num_batches_tracked", -3, "tensor 'bn1.num_batches_tracked' is -3; a count of batches is never negative"),
+])
+@pytest.mark.parametrize("ext", [".npz", ".safetensors"])
+def test_load_into_refuses_values_no_model_can_use(tmp_path, key, bad, message, ext):
+    """NaN/inf weights or a negative running_var used to load silently (and then train to NaN)."""
+    sd = _fresh_state(resnet18(10, head="linear", width=8))
+    sd[key] = sd[key].copy()
+    sd[key].reshape(-1)[0] = bad
+    path = save_weights(sd, tmp_path / f"bad{ext}")
+    model = resnet18(10, head="linear", width=8)
+    before = _fresh_state(model)
+    with pytest.raises(tinynet.io.WeightsValueError, match=message) as info:
+        load_into(model, path)
+    assert str(path) in str(info.value)
+    for k, v in model.state_dict().items():  # nothing loaded
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # Skipping the bad tensor's prefix skips its check too; load_weights itself reads any value.
+    load_into(resnet18(10, head="linear", width=8), path, skip_prefixes=key.split(".")[0] + ".")
+    assert np.isnan(load_weights(path)[key]).any() or load_weights(path)[key].reshape(-1)[0] == bad
+
+
+def test_check_state_values_on_num_batches_tracked_of_another_dtype():
+    with pytest.raises(tinynet.io.WeightsValueError, match="expected one integer"):
+        tinynet.io.check_state_values({"bn.num_batches_tracked": np.array(1.5)}, "f.npz")
+    tinynet.io.check_state_values({"bn.num_batches_tracked": np.array(3), "w": np.ones(2, np.float16)}, "f.npz")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_data_parallel_files_load_with_the_prefix_stripped(tmp_path, prefix):
+    sd = load_weights(RESNET_PTH)
+    path = save_weights({prefix + k: v for k, v in sd.items()}, tmp_path / "dp.npz")
+    model = resnet18(10, head="linear", width=8)
+    assert load_into(model, path) == nn.LoadResult([], [], [])
+    np.testing.assert_array_equal(model.conv1.weight.data, sd["conv1.weight"])
+
+
+def test_a_file_with_no_matching_key_says_so(tmp_path):
+    sd = load_weights(RESNET_PTH)
+    path = save_weights({"backbone." + k: v for k, v in sd.items()}, tmp_path / "other.npz")
+    for strict in (True, False):
+        with pytest.raises(nn.StateDictError, match=r"none of the file's 122 keys matches a key of the ResNet "
+                                                    r"\('backbone.conv1.weight'.*prefix"):
+            load_into(resnet18(10, head="linear", width=8), path, strict=strict)
 
 
 @pytest.mark.gpu

@@ -6,8 +6,11 @@
         │                         does not match its dtype and shape)
         ├── UnsafeFileError       a pickle asks for a global (a function or class) that a
         │                         state dict does not need: refused before anything runs
-        └── WeightsLimitError     the file would unpack to more than a configured limit
-                                  (zip bombs, giant headers)
+        ├── WeightsLimitError     the file would unpack to more than a configured limit
+        │                         (zip bombs, giant headers, pickles nested or shared too deep)
+        └── WeightsValueError     the file reads fine but holds values no model can use: NaN or
+                                  infinite weights, a negative running_var (raised by
+                                  load_into and check_state_values, not by load_weights)
 
 A missing path raises the built-in ``FileNotFoundError`` instead, so that
 ``except FileNotFoundError`` works as it does for ``open``.  Every message
@@ -15,7 +18,7 @@ names the file, says what was expected and what was found.
 """
 from __future__ import annotations
 
-__all__ = ["WeightsFileError", "UnsafeFileError", "WeightsLimitError"]
+__all__ = ["WeightsFileError", "UnsafeFileError", "WeightsLimitError", "WeightsValueError"]
 
 
 class WeightsFileError(ValueError):
@@ -32,3 +35,7 @@ class UnsafeFileError(WeightsFileError):
 
 class WeightsLimitError(WeightsFileError):
     """A file that would unpack to more bytes than a limit allows (see :class:`tinynet.io.files.Limits`)."""
+
+
+class WeightsValueError(WeightsFileError):
+    """A weights file whose values no model can use (NaN or inf weights, negative variances)."""

@@ -3,13 +3,25 @@
 Limits
 ------
 A weights file comes from the internet as often as from one's own disk, so
-every reader works under :class:`Limits`: a file that would unpack to more
-than ``max_bytes`` (default 4 GiB) is refused before anything is allocated.
-Zip archives (``.pth`` and ``.npz``) are checked from their central directory,
-which declares every member's uncompressed size; :mod:`zipfile` never
-inflates a member past its declared size, so the declared total bounds the
-memory a zip bomb can claim.  ``.pth`` archives are held to a stricter rule
-still (``max_compression_ratio``), since PyTorch writes every member STORED.
+every reader works under :class:`Limits`, each checked before the work it
+bounds is done:
+
+* memory: a file that would unpack to more than ``max_bytes`` (default
+  4 GiB) is refused before anything is allocated.  Zip archives (``.pth``
+  and ``.npz``) are checked from their central directory, which declares
+  every member's uncompressed size; :mod:`zipfile` never inflates a member
+  past its declared size, so the declared total bounds the memory a zip bomb
+  can claim.  Past ``ratio_free_bytes`` (64 MiB) the members together may
+  also inflate to at most ``max_compression_ratio`` (100) times the size of
+  the file: a bomb of a few MB declaring gigabytes is refused, while a
+  re-zipped checkpoint whose all-zero biases deflate 1000:1 is not (what is
+  at risk is the total, so the ratio is taken over the whole archive, never
+  per member);
+* the pickle of a ``.pth``: at most ``max_pickle_bytes``, ``max_pickle_items``
+  opcodes, nesting at most ``max_pickle_depth`` deep, and no object that
+  would expand (its shared parts copied out) to more than
+  ``max_pickle_items`` objects (:func:`tinynet.io.pth.scan_pickle`);
+* a safetensors header: at most ``max_header_bytes``.
 
 Atomic writes
 -------------
@@ -23,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
 import os
 import pathlib
+import reprlib
 import secrets
 import stat
 import zipfile
@@ -37,7 +51,7 @@ from ..nn.module import Parameter
 from .errors import WeightsFileError, WeightsLimitError
 
 __all__ = ["Limits", "MiB", "GiB", "check_weights_path", "open_zip", "check_zip_members", "ZIP_READ_ERRORS", "read_member",
-           "atomic_write", "is_index", "bfloat16_to_float32", "host_array", "SAVE_DTYPES"]
+           "atomic_write", "is_index", "short_repr", "check_shape", "bfloat16_to_float32", "host_array", "SAVE_DTYPES"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -45,33 +59,82 @@ GiB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """How much a weights file may claim before it is refused (all in bytes).
+    """How much a weights file may claim before it is refused.
 
     max_bytes
-        Total uncompressed size of a zip's members, size of a safetensors data
-        section, and total size of the arrays a ``.pth`` rebuilds (a tensor with
-        stride 0 can expand a small storage).  4 GiB covers every ImageNet
-        ResNet and ViT-L in float32.
+        Bytes: total uncompressed size of a zip's members, size of a
+        safetensors data section, and total size of the arrays a ``.pth``
+        rebuilds (a tensor with stride 0 can expand a small storage).  4 GiB
+        covers every ImageNet ResNet and ViT-L in float32.
     max_pickle_bytes
-        Size of a ``.pth``'s ``data.pkl`` (a ResNet50's is 40 kB).
+        Bytes: size of a ``.pth``'s ``data.pkl`` (a ResNet50's is 40 kB).
     max_header_bytes
-        Size of a safetensors JSON header (the reference implementation's limit).
+        Bytes: size of a safetensors JSON header (the ``safetensors``
+        package's own limit is the same 100 MB).
     max_compression_ratio
-        Uncompressed / compressed size of a deflated ``.pth`` member.  PyTorch
-        stores members uncompressed (ratio 1); 100 leaves room for a re-zipped
-        file, and refuses the ~1000:1 of deflated zeros.
+        Uncompressed size of all of a zip's members / size of the file, once
+        the members exceed ``ratio_free_bytes``.  PyTorch and ``np.savez``
+        store members uncompressed (ratio 1); random weights do not compress,
+        so 100 leaves room for any re-zipped file and refuses the ~1000:1 of
+        deflated zeros a bomb is made of.
+    max_pickle_depth
+        How deep containers (tuples, lists, dicts, calls) may nest in a
+        ``.pth`` pickle; a torch.save state dict nests 6 deep, a
+        training checkpoint with optimizer state 9.
+    max_pickle_items
+        Opcodes in a ``.pth`` pickle, and objects any one value in it would
+        expand to if every shared (memoised) part were copied; a state dict
+        takes about 40 per tensor, so 200,000 allows 5,000 tensors (a
+        ViT-L checkpoint with AdamW moments has about 1,200); scanning that
+        many takes about a second, and 15 MB.
+    ratio_free_bytes
+        Bytes a zip may inflate to whatever its compression ratio.
     """
 
     max_bytes: int = 4 * GiB
     max_pickle_bytes: int = 64 * MiB
     max_header_bytes: int = 100_000_000
     max_compression_ratio: int = 100
+    max_pickle_depth: int = 100
+    max_pickle_items: int = 200_000
+    ratio_free_bytes: int = 64 * MiB
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{field.name} must be a positive int, got {value!r}")
+                raise ValueError(f"Limits.{field.name} must be a positive int, got {short_repr(value)}")
+
+
+class _ShortRepr(reprlib.Repr):
+    """``reprlib`` with every part bounded, ints and bytes included (plain ``repr`` of either is unbounded)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, limit, limit
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 6
+
+    def repr_int(self, value, level):
+        # str(int) is quadratic in the digits (and refused past 4300 of them): describe a big one instead.
+        return repr(value) if value.bit_length() <= 128 else f"<int of {value.bit_length()} bits>"
+
+    def repr_bytes(self, value, level):
+        return repr(value[:self.maxstring]) + ("..." if len(value) > self.maxstring else "")
+
+    def repr_instance(self, value, level):
+        if value is None or isinstance(value, (bool, float)):
+            return repr(value)
+        return f"<{type(value).__name__}>"  # our own stand-ins, numpy arrays: nothing the file spells out
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, in time and memory bounded by ``limit``.
+
+    For anything a file can make (a key, a shape, a pickled tuple): plain
+    ``repr`` of a tuple shared through a pickle's memo 40 levels deep would
+    print 2**40 items, and one nested a million deep overflows the C stack.
+    """
+    return _ShortRepr(limit).repr(value)
 
 
 def check_weights_path(path) -> tuple[pathlib.Path, int]:
@@ -96,51 +159,108 @@ def check_weights_path(path) -> tuple[pathlib.Path, int]:
 
 
 def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
-    """Open a zip archive, turning "not a zip" into a message that suspects truncation.
+    """Open a zip archive whose directory accounts for every byte before it; else a clear error.
 
     The central directory sits at the end of a zip, so a truncated download is
-    the usual reason it cannot be found.
+    the usual reason it cannot be found.  :mod:`zipfile` trusts that
+    directory and skips whatever it does not list: bytes before the first
+    member (a zip appended to another file), or a member whose directory
+    entry a damaged comment length swallowed.  Zeroed counts in the end
+    record make any archive read as empty, and a swallowed entry drops one
+    array; either would load as a smaller state dict without a word.  So
+    the members' local records must tile the file from byte 0 up to the
+    directory (:func:`_check_layout`), as PyTorch and numpy write them.
     """
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
         raise WeightsFileError(
-            f"{path}: starts like a zip archive but cannot be opened as one ({exc}); "
+            f"{path}: starts like a zip archive but cannot be opened as one ({str(exc)[:200]}); "
             f"the file is probably truncated (an interrupted download?) or corrupt") from None
+    try:
+        _check_layout(zf, path)
+    except BaseException:
+        zf.close()
+        raise
+    return zf
 
 
-def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits, max_ratio: int | None = None) -> None:
-    """Refuse a zip whose members could inflate past ``limits.max_bytes`` (a zip bomb).
+#: Sizes of the data descriptor that may follow a member written with flag bit 3 (no sizes known
+#: in advance): crc + sizes (12, or 20 with zip64's 8-byte sizes), optionally after a 4-byte signature.
+_DESCRIPTOR_SIZES = (12, 16, 20, 24)
+
+
+def _check_layout(zf: zipfile.ZipFile, path) -> None:
+    """Refuse an archive whose members, in order, do not fill the bytes before its central directory."""
+    position, descriptor = 0, False  # where the next record must start; may a data descriptor come first?
+    for info in sorted(zf.infolist(), key=lambda i: i.header_offset):
+        _check_next_record(info.header_offset, position, descriptor, zf, path)
+        zf.fp.seek(info.header_offset)
+        local = zf.fp.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise WeightsFileError(f"{path}: member {short_repr(info.filename)} has no local header at byte "
+                                   f"{info.header_offset}; the file is truncated or corrupt")
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        position = info.header_offset + 30 + name_length + extra_length + info.compress_size
+        descriptor = bool(info.flag_bits & 0x08)
+    _check_next_record(zf.start_dir, position, descriptor, zf, path)
+
+
+def _check_next_record(start: int, expected: int, descriptor: bool, zf: zipfile.ZipFile, path) -> None:
+    gap = start - expected
+    if gap == 0 or (descriptor and gap in _DESCRIPTOR_SIZES):
+        return
+    raise WeightsFileError(
+        f"{path}: the zip's central directory lists {len(zf.infolist())} member(s), but "
+        + (f"{gap} bytes before byte {start} belong to none of them" if gap > 0 else f"two records overlap at byte {start}")
+        + " (a hidden member, or a damaged directory); the file is corrupt")
+
+
+def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits) -> None:
+    """Refuse a zip whose members could inflate past what ``limits`` allow (a zip bomb).
 
     Checks, from the central directory alone (nothing is inflated yet): only
     STORED and DEFLATED members (what numpy and PyTorch write; bzip2 and lzma
     reach ratios of a million to one), no duplicate names (two members under
-    one name make "which one is read" ambiguous), the declared sizes sum to at
-    most ``max_bytes``, and with ``max_ratio`` no deflated member claims more
-    than ``max_ratio`` times its compressed size.
+    one name make "which one is read" ambiguous), member names of at most
+    1000 characters, the declared sizes sum to at most ``limits.max_bytes``,
+    and, once that sum passes ``limits.ratio_free_bytes``, to at most
+    ``limits.max_compression_ratio`` times the size of the file.
+
+    The ratio is taken over the whole archive because the whole archive is
+    what a reader holds in memory: a freshly initialised network saved by
+    ``torch.save`` and re-zipped with deflate has small all-zero members
+    (biases, running means) that deflate 1000:1, next to weights that do not
+    compress at all, so per-member ratios refuse honest files, while a bomb
+    is large in total whatever its member count.
     """
     total = 0
     seen = set()
     for info in zf.infolist():
+        name = short_repr(info.filename)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise WeightsFileError(
-                f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; "
+                f"{path}: member {name} uses zip compression method {info.compress_type}; "
                 f"expected STORED (0) or DEFLATED (8), which is what PyTorch and numpy write")
+        if len(info.filename) > 1000:
+            raise WeightsFileError(f"{path}: member name of {len(info.filename)} characters ({name}); a weights "
+                                   f"file names its members after state-dict keys")
         if info.filename in seen:
-            raise WeightsFileError(f"{path}: member {info.filename!r} appears twice in the zip archive")
+            raise WeightsFileError(f"{path}: member {name} appears twice in the zip archive")
         seen.add(info.filename)
         total += info.file_size
         if total > limits.max_bytes:
             raise WeightsLimitError(
-                f"{path}: zip members declare at least {total} uncompressed bytes (at {info.filename!r}), "
+                f"{path}: zip members declare at least {total} uncompressed bytes (at {name}), "
                 f"more than the limit of {limits.max_bytes} bytes (Limits.max_bytes; pass a larger max_bytes "
                 f"if the file is trusted)")
-        if (max_ratio is not None and info.compress_type != zipfile.ZIP_STORED
-                and info.file_size > max_ratio * max(info.compress_size, 1)):
-            raise WeightsLimitError(
-                f"{path}: member {info.filename!r} inflates {info.compress_size} bytes to {info.file_size} "
-                f"(ratio {info.file_size / max(info.compress_size, 1):.0f}:1), more than the limit of "
-                f"{max_ratio}:1; PyTorch stores members uncompressed, so this looks like a zip bomb")
+    file_size = os.stat(path).st_size
+    if total > limits.ratio_free_bytes and total > limits.max_compression_ratio * file_size:
+        raise WeightsLimitError(
+            f"{path}: zip members declare {total} uncompressed bytes in a file of {file_size} (ratio "
+            f"{total / max(file_size, 1):.0f}:1), more than the limit of {limits.max_compression_ratio}:1 "
+            f"(Limits.max_compression_ratio) for archives that inflate past {limits.ratio_free_bytes} bytes "
+            f"(Limits.ratio_free_bytes); weights hardly compress, so this looks like a zip bomb")
 
 
 #: What zipfile raises on a corrupt member: a bad CRC or header (BadZipFile), data that ends early
@@ -155,10 +275,11 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
         data = zf.read(info)
     except ZIP_READ_ERRORS as exc:
         raise WeightsFileError(
-            f"{path}: member {info.filename!r} cannot be read ({exc}); the file is truncated or corrupt") from None
+            f"{path}: member {short_repr(info.filename)} cannot be read ({str(exc)[:200]}); "
+            f"the file is truncated or corrupt") from None
     if len(data) != info.file_size:
         raise WeightsFileError(
-            f"{path}: member {info.filename!r} holds {len(data)} bytes, its zip entry declares "
+            f"{path}: member {short_repr(info.filename)} holds {len(data)} bytes, its zip entry declares "
             f"{info.file_size}; the file is truncated or corrupt")
     return data
 
@@ -208,6 +329,22 @@ def _fsync_directory(directory: pathlib.Path) -> None:
 def is_index(value) -> bool:
     """A non-negative Python int (not a bool): what a size, stride, offset or byte position must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_shape(shape, itemsize: int, where: str, limits: Limits) -> None:
+    """Refuse a shape whose non-zero dimensions alone would need more than ``limits.max_bytes``.
+
+    An empty array's bytes are 0 whatever its other dimensions, so a size
+    check on the bytes lets ``(0, 2**62)`` through; NumPy then refuses to make
+    it ("array is too big").  Checking the product of the non-zero dimensions
+    catches it first, with the file's name.
+    """
+    if len(shape) > 64:
+        raise WeightsFileError(f"{where}: {len(shape)} dimensions; NumPy arrays have at most 64")
+    if math.prod(d for d in shape if d) * itemsize > limits.max_bytes:
+        raise WeightsFileError(
+            f"{where}: shape {short_repr(tuple(shape))} is not a real array: its non-zero dimensions alone "
+            f"would need more than {limits.max_bytes} bytes (Limits.max_bytes)")
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:

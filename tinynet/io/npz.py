@@ -8,22 +8,24 @@ Layout (what ``np.savez`` writes, and :func:`write_npz` too)::
                               padded to 64 bytes, then the raw array bytes
 
 Members keep the order they were written in, so the state dict keeps its key
-order.  Reading always goes through ``np.load(..., allow_pickle=False)``:
-an ``object`` array would need a pickle, and is refused.  Before ``np.load``
-runs, every member's ``.npy`` header is read to refuse object dtypes with a
+order.  Each member is read by its own name with
+``numpy.lib.format.read_array(..., allow_pickle=False)``: an ``object`` array
+would need a pickle, and is refused.  Before any array is
+read, every member's ``.npy`` header is read to refuse object dtypes with a
 clear message and to check that the shape fits the member's declared size
-(``np.load`` would allocate the array its header claims before reading it).
+(reading would allocate the array its header claims before reading it).
 """
 from __future__ import annotations
 
 import collections
 import math
+import tokenize
 import zipfile
 
 import numpy as np
 
 from .errors import WeightsFileError
-from .files import SAVE_DTYPES, ZIP_READ_ERRORS, Limits, check_zip_members
+from .files import SAVE_DTYPES, ZIP_READ_ERRORS, Limits, check_shape, check_zip_members, short_repr
 
 __all__ = ["read_npz", "write_npz", "looks_like_npz"]
 
@@ -46,44 +48,59 @@ def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path):
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
             else:  # 3.0 only adds UTF-8 field names of structured dtypes, which no weight has
                 raise ValueError(f".npy format version {version}, expected (1, 0) or (2, 0)")
-    except (*ZIP_READ_ERRORS, SyntaxError) as exc:  # SyntaxError: a header that is not a Python literal
+    except (*ZIP_READ_ERRORS, SyntaxError, TypeError, tokenize.TokenError, RecursionError) as exc:
+        # numpy parses the header as a Python literal (tokenize, then ast.literal_eval): a damaged one
+        # raises SyntaxError or TokenError; a literal of the wrong types (a shape of strings) TypeError.
         raise WeightsFileError(
-            f"{path}: member {info.filename!r} is not a readable .npy array ({exc}); the file is truncated "
-            f"or corrupt") from None
+            f"{path}: member {short_repr(info.filename)} is not a readable .npy array ({str(exc)[:200]}); the "
+            f"file is truncated or corrupt") from None
     return shape, dtype
 
 
 def read_npz(zf: zipfile.ZipFile, path, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
-    """The arrays of an ``.npz``, in member order, checked first against ``limits``."""
-    # No compression-ratio limit here: np.savez_compressed deflates all-zero biases ~1000:1 honestly;
-    # the declared-size total, which zipfile never inflates past, bounds the memory.
+    """The arrays of an ``.npz``, in member order, checked first against ``limits``.
+
+    Each array is read from its own member, ``<key>.npy``, and never looked up
+    by key through ``np.load``: its ``NpzFile["x.npy"]`` gives the member
+    ``x.npy`` (the array saved as ``x``) when both ``x`` and ``x.npy`` were
+    saved, so two keys would load each other's array.
+    """
+    # The declared-size total, which zipfile never inflates past, bounds the memory; np.savez_compressed
+    # deflates all-zero biases ~1000:1 honestly, so the ratio applies to the archive as a whole.
     check_zip_members(zf, path, limits)
+    headers = []
     for info in zf.infolist():
+        key = info.filename[:-len(_NPY)]
         shape, dtype = _npy_header(zf, info, path)
         if dtype.hasobject:
             raise WeightsFileError(
-                f"{path}: array {info.filename[:-len(_NPY)]!r} has dtype {dtype} (Python objects), which only a "
+                f"{path}: array {short_repr(key)} has dtype {dtype} (Python objects), which only a "
                 f"pickle can load; tinynet loads .npz with allow_pickle=False (save numeric arrays only)")
         if dtype.newbyteorder("=") not in SAVE_DTYPES:
             raise WeightsFileError(
-                f"{path}: array {info.filename[:-len(_NPY)]!r} has dtype {dtype}; expected bool, int8/16/32/64, "
+                f"{path}: array {short_repr(key)} has unsupported dtype {dtype}; expected bool, int8/16/32/64, "
                 f"uint8/16/32/64 or float16/32/64")
         if math.prod(shape) * dtype.itemsize > info.file_size:
             raise WeightsFileError(
-                f"{path}: array {info.filename[:-len(_NPY)]!r} claims shape {shape} of {dtype} "
+                f"{path}: array {short_repr(key)} claims shape {shape} of {dtype} "
                 f"({math.prod(shape) * dtype.itemsize} bytes) in a member of {info.file_size} bytes; "
                 f"the file is corrupt")
+        check_shape(shape, dtype.itemsize, f"{path}: array {short_repr(key)}", limits)
+        headers.append((key, info))
     out = collections.OrderedDict()
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                array = npz[key]
-                out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
-    except WeightsFileError:
-        raise
-    except ZIP_READ_ERRORS as exc:  # object arrays (allow_pickle=False) raise ValueError too
-        raise WeightsFileError(f"{path}: cannot read the .npz archive ({exc}); the file is truncated or corrupt") \
-            from None
+    for key, info in headers:
+        try:
+            with zf.open(info) as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+                trailing = f.read(1)  # reading to the end also makes zipfile check the member's CRC-32
+        except ZIP_READ_ERRORS as exc:  # object arrays (allow_pickle=False) raise ValueError too
+            raise WeightsFileError(
+                f"{path}: array {short_repr(key)} cannot be read ({str(exc)[:200]}); the file is truncated or "
+                f"corrupt") from None
+        if trailing:
+            raise WeightsFileError(f"{path}: member {short_repr(info.filename)} has bytes after its array; "
+                                   f"the file is corrupt")
+        out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
     return out
 
 

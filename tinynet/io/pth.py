@@ -67,12 +67,13 @@ import io
 import math
 import pickle
 import pickletools
+import warnings
 import zipfile
 
 import numpy as np
 
 from .errors import UnsafeFileError, WeightsFileError, WeightsLimitError
-from .files import Limits, bfloat16_to_float32, check_zip_members, is_index, read_member
+from .files import Limits, bfloat16_to_float32, check_zip_members, is_index, read_member, short_repr
 
 __all__ = ["read_pth", "find_archive_prefix", "refuse_plain_pickle", "scan_pickle", "StateDictUnpickler",
            "CHECKPOINT_KEYS"]
@@ -85,6 +86,16 @@ _STORAGE_DTYPES = {
     "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
     "ByteStorage": "u1", "BoolStorage": "u1",
 }
+
+#: Names that PyTorch writes for tensors of dtypes tinynet does not read: complex and quantized storages,
+#: and, since PyTorch 2.3, ``_rebuild_tensor_v3`` with an untyped storage and a dtype name for the
+#: dtypes without a typed storage class (uint16/32/64, float8...).  They are data, not code: a file
+#: naming one is refused as "unsupported", not as unsafe.
+_UNSUPPORTED_GLOBALS = frozenset(
+    [("torch", n) for n in ("ComplexFloatStorage", "ComplexDoubleStorage", "ComplexHalfStorage", "QInt8Storage",
+                            "QUInt8Storage", "QInt32Storage", "QUInt4x2Storage", "QUInt2x4Storage")]
+    + [("torch._utils", "_rebuild_tensor_v3"), ("torch.storage", "UntypedStorage"),
+       ("torch._utils", "_rebuild_qtensor")])
 
 #: Keys under which training scripts nest the state dict in a checkpoint (see :func:`_unwrap`).
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -206,6 +217,12 @@ class StateDictUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         found = self._globals.get((module, name))
+        if found is None and (module, name) in _UNSUPPORTED_GLOBALS:
+            raise WeightsFileError(
+                f"{self._where()}: unsupported dtype: a tensor is stored through {module}.{name}, which PyTorch "
+                f"uses for complex, quantized, uint16/32/64 and float8 tensors; tinynet reads float16/32/64, bfloat16, "
+                f"int8/16/32/64, uint8 and bool tensors from .pth files.  Convert the tensor in PyTorch (for "
+                f"example tensor.float()) and save again; the file is not unsafe, and nothing in it ran")
         if found is None:
             refused = f"{module}.{name}"
             refused = refused if len(refused) <= 120 else refused[:120] + "..."
@@ -220,16 +237,15 @@ class StateDictUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[3], str)
                 and is_index(pid[4])):
-            shown = repr(pid)
             raise WeightsFileError(
-                f"{self._where()}: persistent id {shown[:120]} is not a storage reference; expected "
+                f"{self._where()}: persistent id {short_repr(pid, 120)} is not a storage reference; expected "
                 f"('storage', torch.<dtype>Storage, key, location, numel)")
         _, storage_type, key, _location, numel = pid
         cached = self._storages.get(key)
         if cached is not None:
             if cached.type is not storage_type:
                 raise WeightsFileError(
-                    f"{self._where()}: storage {key!r} is referenced as torch.{cached.type.name} and as "
+                    f"{self._where()}: storage {short_repr(key)} is referenced as torch.{cached.type.name} and as "
                     f"torch.{storage_type.name}; PyTorch saves each storage with one dtype")
             return cached
         member = f"{self._prefix}/data/{key}"
@@ -237,12 +253,13 @@ class StateDictUnpickler(pickle.Unpickler):
             info = self._zf.getinfo(member)
         except KeyError:
             raise WeightsFileError(
-                f"{self._path}: data.pkl refers to storage {key!r}, but the archive has no member {member!r}; "
+                f"{self._path}: data.pkl refers to storage {short_repr(key)}, but the archive has no member "
+                f"{short_repr(member)}; "
                 f"the file is truncated or corrupt") from None
         expected = numel * storage_type.dtype.itemsize
         if info.file_size != expected:
             raise WeightsFileError(
-                f"{self._path}: member {member!r} holds {info.file_size} bytes; torch.{storage_type.name} "
+                f"{self._path}: member {short_repr(member)} holds {info.file_size} bytes; torch.{storage_type.name} "
                 f"of {numel} elements needs {expected}")
         raw = read_member(self._zf, info, self._path)
         storage = _Storage(storage_type, key, np.frombuffer(raw, dtype=storage_type.dtype))
@@ -261,10 +278,11 @@ class StateDictUnpickler(pickle.Unpickler):
         if not isinstance(storage, _Storage):
             raise WeightsFileError(f"{where}: _rebuild_tensor_v2 got a {type(storage).__name__}, expected a storage")
         if not is_index(storage_offset):
-            raise WeightsFileError(f"{where}: storage_offset {storage_offset!r} is not a non-negative int")
+            raise WeightsFileError(f"{where}: storage_offset {short_repr(storage_offset)} is not a non-negative int")
         if not (_is_index_tuple(size) and _is_index_tuple(stride) and len(size) == len(stride) <= 64):
             raise WeightsFileError(
-                f"{where}: size {size!r} and stride {stride!r} must be tuples of as many non-negative ints "
+                f"{where}: size {short_repr(size)} and stride {short_repr(stride)} must be tuples of as many "
+                f"non-negative ints "
                 f"(at most 64)")
         numel = math.prod(size)
         capacity = storage.array.size
@@ -274,7 +292,7 @@ class StateDictUnpickler(pickle.Unpickler):
             if last >= capacity:
                 raise WeightsFileError(
                     f"{where}: a tensor of size {tuple(size)}, stride {tuple(stride)} at offset {storage_offset} "
-                    f"reads element {last} of storage {storage.key!r}, which has {capacity}")
+                    f"reads element {last} of storage {short_repr(storage.key)}, which has {capacity}")
         out_dtype = np.dtype(np.float32) if storage.type.name == "BFloat16Storage" else storage.array.dtype
         self._tensor_bytes += numel * out_dtype.itemsize
         if self._tensor_bytes > self._limits.max_bytes:
@@ -308,39 +326,189 @@ def _is_index_tuple(value) -> bool:
 # ---------------------------------------------------------------------------
 # Reading a file
 # ---------------------------------------------------------------------------
-def scan_pickle(data: bytes, where: str) -> None:
-    """Walk the pickle's opcodes without running them, and refuse what would exhaust memory.
+class _Value:
+    """What :func:`scan_pickle` knows of one object on the pickle's stack: how deep, how big, contained or not.
 
-    CPython's C unpickler (before 3.14) trusts the sizes a pickle states: a
-    10-byte BINBYTES8 claiming 4 EiB is allocated before it is read, and
-    ``LONG_BINPUT 4294967295`` grows the memo table to 32 GiB of zeroed
-    pointers.  :func:`pickletools.genops` reads every counted argument through
-    ``BytesIO.read``, which never returns more than is there, so a length
-    beyond the data fails here instead.  Memo indices above the number of
-    opcodes so far are refused (picklers number them 0, 1, 2, ...), as are
-    FRAME lengths beyond the data and the EXT opcodes (they name globals
-    through the ``copyreg`` registry, which a state dict never uses).
+    ``depth`` is 1 for a scalar and 1 + the deepest part for a container;
+    ``size`` counts the objects in it with every shared part counted each
+    time it is shared (what ``repr`` or a recursive walk would visit).
     """
+
+    __slots__ = ("depth", "size", "contained")
+
+    def __init__(self, depth: int, size: int):
+        self.depth, self.size, self.contained = depth, size, False
+
+
+_MARK = object()  # the MARK opcode's entry on the stack
+
+#: Opcodes that a state dict, as PyTorch or Python's pickler writes it (protocols 0 to 5), may use.
+#: Left out: DUP (no pickler writes it), NEWOBJ/NEWOBJ_EX/INST/OBJ (they construct classes, which a
+#: state dict never needs), EXT1/2/4 (globals through the copyreg registry), NEXT_BUFFER and
+#: READONLY_BUFFER (out-of-band data) and BYTEARRAY8.
+_ALLOWED_OPCODES = frozenset("""
+    PROTO FRAME STOP MARK POP POP_MARK
+    NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT BINFLOAT
+    STRING BINSTRING SHORT_BINSTRING BINBYTES SHORT_BINBYTES BINBYTES8
+    UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8
+    EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST APPEND APPENDS LIST EMPTY_DICT DICT SETITEM SETITEMS
+    EMPTY_SET ADDITEMS FROZENSET
+    GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT MEMOIZE
+    GLOBAL STACK_GLOBAL REDUCE BUILD PERSID BINPERSID
+""".split())
+
+#: Refused opcodes that would reach code: why each is refused (UnsafeFileError).
+_REFUSED_OPCODES = {
+    **{n: "it names a global through the copyreg extension registry" for n in ("EXT1", "EXT2", "EXT4")},
+    **{n: "it constructs an object of a class, which a state dict never needs"
+       for n in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX")},
+}
+
+#: Opcodes that change the object below their arguments (a list, dict, set or BUILD's target) in place.
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+
+
+def scan_pickle(data: bytes, where: str, limits: Limits | None = None) -> None:
+    """Walk the pickle's opcodes without running them, and refuse what could exhaust time, memory or stack.
+
+    Run before the (C) unpickler sees a byte.  Refused:
+
+    * opcodes outside :data:`_ALLOWED_OPCODES` (the EXT ones as unsafe);
+    * more than ``limits.max_pickle_items`` opcodes;
+    * nesting deeper than ``limits.max_pickle_depth``, or more MARKs open
+      at once.  A tuple nested a million deep takes 1 MB to write; building
+      it is cheap, but every recursive walk of it (``repr``, ``==``) ends in
+      a RecursionError, or, in C code without a recursion check, overflows
+      the stack and kills the interpreter;
+    * an object that would expand to more than ``limits.max_pickle_items``
+      objects.  Through the memo, each level of a pickle of a few hundred
+      bytes can hold the previous level twice: 40 levels make 2**40 paths,
+      which any walk (``repr`` in an error message) follows for hours;
+    * changing a list, dict or set after it was put inside another object,
+      or putting it inside itself (a state dict never does either; allowing
+      them would let a pickle nest objects without the nesting showing up
+      here, or build cycles);
+    * sizes that :func:`pickletools.genops` cannot read from the data (it
+      reads every counted argument through ``BytesIO.read``, which never
+      returns more than is there: a 10-byte BINBYTES8 claiming 4 EiB fails
+      here, where CPython's C unpickler would allocate it first), memo indices
+      above the number of opcodes so far (``LONG_BINPUT 4294967295`` would grow
+      the C unpickler's memo to 32 GiB), and FRAME lengths beyond the data.
+
+    The walk mirrors the unpickler's stack: each entry is a :class:`_Value`
+    (or the MARK), and each opcode pops and pushes what
+    :mod:`pickletools` says it does (``stack_before`` / ``stack_after``), so
+    the depth and size of everything built are known before it is built.
+    Time and memory are linear in the opcodes, at most ``max_pickle_items``.
+    """
+    limits = limits or Limits()
+    stack: list = []
+    marks = [0]  # how many MARKs are on the stack, in a list so that _pop can change it
+    memo: dict = {}
     count = 0
     try:
         for opcode, arg, pos in pickletools.genops(data):
             count += 1
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:
-                raise WeightsFileError(
-                    f"{where}: memo index {arg} at byte {pos} after only {count} opcodes; a pickler numbers "
-                    f"its memo 0, 1, 2, ..., so the file is corrupt or forged")
-            if opcode.name == "FRAME" and arg > len(data) - pos:
+            name = opcode.name
+            if count > limits.max_pickle_items:
+                raise WeightsLimitError(
+                    f"{where}: more than {limits.max_pickle_items} opcodes (Limits.max_pickle_items); a state "
+                    f"dict takes about 40 per tensor")
+            if name not in _ALLOWED_OPCODES:
+                why = _REFUSED_OPCODES.get(name)
+                raise (UnsafeFileError if why else WeightsFileError)(
+                    f"{where}: refused opcode {name} at byte {pos}"
+                    + (f" ({short_repr(arg)})" if isinstance(arg, str) else "")
+                    + f": {why or 'a state dict never uses it'}, so the file was not loaded and nothing in it ran")
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = len(memo) if name == "MEMOIZE" else arg
+                if index > count:
+                    raise WeightsFileError(
+                        f"{where}: memo index {index} at byte {pos} after only {count} opcodes; a pickler numbers "
+                        f"its memo 0, 1, 2, ..., so the file is corrupt or forged")
+                if not stack or stack[-1] is _MARK:
+                    raise WeightsFileError(f"{where}: {name} at byte {pos} with nothing to store")
+                memo[index] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                if arg not in memo:
+                    raise WeightsFileError(f"{where}: {name} at byte {pos} fetches memo index {arg}, never stored")
+                stack.append(memo[arg])
+                continue
+            if name == "FRAME" and arg > len(data) - pos:
                 raise WeightsFileError(
                     f"{where}: frame of {arg} bytes at byte {pos}, but only {len(data) - pos} remain")
-            if opcode.name.startswith("EXT"):
-                raise UnsafeFileError(
-                    f"{where}: refused opcode {opcode.name} at byte {pos}: it names a global through the copyreg "
-                    f"extension registry, which a state dict never uses")
+            if name == "MARK":
+                stack.append(_MARK)
+                marks[0] += 1
+                if marks[0] > limits.max_pickle_depth:  # each open MARK becomes one more level of nesting
+                    raise WeightsLimitError(
+                        f"{where}: more than {limits.max_pickle_depth} MARKs open at byte {pos}: objects would "
+                        f"nest more than {limits.max_pickle_depth} deep (Limits.max_pickle_depth)")
+                continue
+            parts = _pop(stack, marks, opcode, where, pos)
+            if name == "STOP":
+                break
+            if not opcode.stack_after:  # POP, POP_MARK, PROTO, FRAME
+                continue
+            if name in _MUTATORS:
+                target, parts = parts[0], parts[1:]
+                if target.contained:
+                    raise WeightsFileError(
+                        f"{where}: {name} at byte {pos} changes an object already placed inside another; "
+                        f"a state dict is built inside out, so the file is corrupt or forged")
+                if any(part is target for part in parts):
+                    raise WeightsFileError(f"{where}: {name} at byte {pos} places an object inside itself; a "
+                                           f"state dict holds no cycles, so the file is corrupt or forged")
+                value = target
+            else:
+                value = _Value(1, 1)
+            for part in parts:
+                part.contained = True
+                value.depth = max(value.depth, part.depth + 1)
+                value.size += part.size
+            if value.depth > limits.max_pickle_depth:
+                raise WeightsLimitError(
+                    f"{where}: objects nest more than {limits.max_pickle_depth} deep at byte {pos} "
+                    f"(Limits.max_pickle_depth); a torch.save state dict nests 6 deep, a checkpoint with "
+                    f"optimizer state 9")
+            if value.size > limits.max_pickle_items:
+                raise WeightsLimitError(
+                    f"{where}: the object built at byte {pos} holds more than {limits.max_pickle_items} objects "
+                    f"once its shared parts are counted each time they are shared (Limits.max_pickle_items); "
+                    f"a pickle that shares parts this much is built to exhaust whoever reads it")
+            stack.append(value)
     except WeightsFileError:
         raise
     except Exception as exc:  # genops raises ValueError for most damage, others for the rest
         raise WeightsFileError(
-            f"{where}: not a valid pickle ({type(exc).__name__}: {exc}); the file is truncated or corrupt") from None
+            f"{where}: not a valid pickle ({type(exc).__name__}: {str(exc)[:200]}); the file is truncated or "
+            f"corrupt") from None
+
+
+def _pop(stack: list, marks: list, opcode, where: str, pos: int) -> list:
+    """Pop what ``opcode`` consumes (``opcode.stack_before``) off ``stack``; the popped values, bottom first.
+
+    ``stackslice`` is everything down to the topmost MARK, ``markobject`` the
+    MARK itself; any other entry is one value, which must not be a MARK
+    (the C unpickler would take an object from below the MARK instead).
+    """
+    popped = []
+    for kind in reversed(opcode.stack_before):
+        if kind is pickletools.stackslice:
+            if not marks[0]:
+                raise WeightsFileError(f"{where}: {opcode.name} at byte {pos} without a MARK before it")
+            while stack[-1] is not _MARK:
+                popped.append(stack.pop())
+        elif kind is pickletools.markobject:
+            stack.pop()  # the MARK that the stackslice above stopped at
+            marks[0] -= 1
+        else:
+            if not stack or stack[-1] is _MARK:
+                raise WeightsFileError(f"{where}: {opcode.name} at byte {pos} finds too few objects on the stack")
+            popped.append(stack.pop())
+    popped.reverse()
+    return popped
 
 
 def read_pth(zf: zipfile.ZipFile, prefix: str, path, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
@@ -350,7 +518,7 @@ def read_pth(zf: zipfile.ZipFile, prefix: str, path, limits: Limits) -> "collect
         raise WeightsFileError(
             f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the weights with "
             f"torch.save(model.state_dict(), path)")
-    check_zip_members(zf, path, limits, max_ratio=limits.max_compression_ratio)
+    check_zip_members(zf, path, limits)
 
     byteorder_name = f"{prefix}/byteorder"
     if byteorder_name in names:
@@ -367,16 +535,20 @@ def read_pth(zf: zipfile.ZipFile, prefix: str, path, limits: Limits) -> "collect
             f"{path}: {info.filename} is {info.file_size} bytes, more than the limit of {limits.max_pickle_bytes} "
             f"(Limits.max_pickle_bytes; a ResNet50 state dict needs about 40 kB)")
     data = read_member(zf, info, path)
-    scan_pickle(data, f"{path}: {info.filename}")
-    unpickler = StateDictUnpickler(data, zf, prefix, path, limits)
-    try:
-        obj = unpickler.load()
-    except WeightsFileError:
-        raise
-    except Exception as exc:  # a malformed pickle can raise a dozen types (UnpicklingError, EOFError, TypeError...)
-        raise WeightsFileError(
-            f"{path}: {info.filename} is not a valid state-dict pickle ({type(exc).__name__}: {exc}); "
-            f"the file is truncated or corrupt") from None
+    with warnings.catch_warnings():
+        # Protocol 0's STRING opcode is decoded with Python's escapes; an invalid one ("\\_") is a
+        # DeprecationWarning in both pickletools and the unpickler, noise about the file, not the program.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scan_pickle(data, f"{path}: {info.filename}", limits)
+        unpickler = StateDictUnpickler(data, zf, prefix, path, limits)
+        try:
+            obj = unpickler.load()
+        except WeightsFileError:
+            raise
+        except Exception as exc:  # a malformed pickle can raise a dozen types (UnpicklingError, EOFError...)
+            raise WeightsFileError(
+                f"{path}: {info.filename} is not a valid state-dict pickle ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); the file is truncated or corrupt") from None
     return _unwrap(obj, path)
 
 
@@ -401,7 +573,7 @@ def _unwrap(obj, path) -> "collections.OrderedDict[str, np.ndarray]":
         found = [k for k in CHECKPOINT_KEYS if k in obj and _is_tensor_dict(obj[k])]
         if len(found) == 1:
             return collections.OrderedDict((k, v.array) for k, v in obj[found[0]].items())
-        keys = ", ".join(f"{k!r}: {type(v).__name__.lstrip('_')}" for k, v in list(obj.items())[:12])
+        keys = ", ".join(f"{short_repr(k)}: {type(v).__name__.lstrip('_')}" for k, v in list(obj.items())[:12])
         if len(found) > 1:
             raise WeightsFileError(
                 f"{path}: checkpoint holds several state dicts ({', '.join(found)}); load it with PyTorch and "

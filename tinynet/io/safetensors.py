@@ -1,28 +1,41 @@
 """``.safetensors``: a JSON header, then the raw tensor bytes.  No code, no pickle.
 
-Layout (https://github.com/huggingface/safetensors, implemented here from the
-format description; the ``safetensors`` package is not used)::
+Layout (https://github.com/huggingface/safetensors)::
 
     bytes 0 .. 8          N: the header's length, unsigned 64-bit little-endian
     bytes 8 .. 8+N        the header: a UTF-8 JSON object, padded with spaces
                             {"conv1.weight": {"dtype": "F32", "shape": [64, 3, 7, 7],
                                               "data_offsets": [0, 37632]},
                              ...,
-                             "__metadata__": {"format": "pt"}}      (optional, str -> str)
+                             "__metadata__": {"classes": "[...]"}}      (optional, str -> str)
     bytes 8+N .. end      the data section: each tensor's bytes, C order, little-endian, at
                           [begin, end) relative to the start of the section
 
-Checks, as the reference implementation makes them: ``N`` is at most
-``Limits.max_header_bytes`` (100 MB) and fits in the file; every entry has a
-known dtype, a shape of non-negative ints and ``end - begin == prod(shape) *
-itemsize``; sorted by offset, the entries tile the data section exactly (no
-overlap, no hole, the last one ending at the end of the file), so no byte is
-read twice and none is left unexplained.
+Reading and writing go through the ``safetensors`` package (its NumPy API,
+which needs no torch), the reference implementation of the format: it checks
+that the entries tile the data section exactly (no overlap, no hole, nothing
+after the last one).  Around it, tinynet
+
+* reads the header itself first and applies its own :class:`~tinynet.io.files.Limits`
+  before the package does any work: ``N`` at most ``max_header_bytes``
+  (100 MB, the package's own limit too, so a larger limit cannot admit a
+  larger header) and within the file, the data section at most
+  ``max_bytes``; every entry a known dtype, a shape of at most 64
+  non-negative ints whose non-zero dimensions fit ``max_bytes`` (the package
+  and NumPy accept ``[0, 2**62]``, then fail making the array) and
+  ``end - begin == prod(shape) * itemsize``; ``__metadata__`` a str -> str
+  object;
+* turns every failure, the package's included, into a
+  :class:`~tinynet.io.WeightsFileError` naming the file.
 
 Dtypes: ``BOOL U8 I8 U16 I16 U32 I32 U64 I64 F16 F32 F64``, and ``BF16``,
-which has no NumPy dtype and loads as float32 (exactly: a bfloat16 is the top
-half of a float32).  Entries are returned in header order, which for files
-written by :func:`write_safetensors` is the state dict's order.
+which has no NumPy dtype (the package's NumPy API refuses it) and loads as
+float32, exactly (a bfloat16 is the top half of a float32), from the bytes at
+the offsets the package has validated.  Complex (``C64``) and 8-bit float
+(``F8_*``) tensors are refused as unsupported.  Entries come back in header
+order.  The package's writer sorts tensors by dtype size, then name (for
+alignment), so a state dict saved as ``.safetensors`` comes back in that
+order, not the order it was saved in; ``load_state_dict`` matches by key.
 """
 from __future__ import annotations
 
@@ -31,11 +44,13 @@ import json
 import math
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from .errors import WeightsFileError, WeightsLimitError
-from .files import Limits, bfloat16_to_float32, is_index
+from .files import Limits, bfloat16_to_float32, check_shape, is_index, short_repr
 
-__all__ = ["read_safetensors", "write_safetensors", "looks_like_safetensors"]
+__all__ = ["read_safetensors", "read_safetensors_metadata", "write_safetensors", "looks_like_safetensors"]
 
 _DTYPES = {
     "BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
@@ -56,7 +71,7 @@ def _unique_keys(pairs):
     out = {}
     for key, value in pairs:
         if key in out:
-            raise WeightsFileError(f"key {key!r} appears twice in the JSON header")
+            raise WeightsFileError(f"key {short_repr(key)} appears twice in the JSON header")
         out[key] = value
     return out
 
@@ -81,102 +96,94 @@ def _read_header(f, path, size: int, limits: Limits) -> tuple[dict, int]:
     except WeightsFileError as exc:
         raise WeightsFileError(f"{path}: {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise WeightsFileError(f"{path}: safetensors header is not valid UTF-8 JSON ({exc})") from None
+        raise WeightsFileError(f"{path}: safetensors header is not valid UTF-8 JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise WeightsFileError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
     return header, 8 + n
 
 
-def _parse_entry(key, info, path) -> tuple[str, np.dtype, tuple, int, int]:
+def _parse_entry(key, info, path, limits: Limits) -> tuple[str, np.dtype, tuple, int, int]:
     """``(dtype code, file dtype, shape, begin, end)`` of one header entry, every field checked."""
+    name = short_repr(key)
     if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
         raise WeightsFileError(
-            f"{path}: header entry {key!r} is {str(info)[:100]}; expected an object with dtype, shape and "
+            f"{path}: header entry {name} is {short_repr(info)}; expected an object with dtype, shape and "
             f"data_offsets")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if code not in _DTYPES:
-        raise WeightsFileError(f"{path}: {key!r} has dtype {code!r}; expected one of {', '.join(_DTYPES)}")
+    if not (isinstance(code, str) and code in _DTYPES):
+        raise WeightsFileError(f"{path}: {name} has unsupported dtype {short_repr(code)}; tinynet reads "
+                               f"{', '.join(_DTYPES)}")
     if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(is_index(d) for d in shape)):
-        raise WeightsFileError(f"{path}: {key!r} has shape {str(shape)[:100]}; expected a list of non-negative ints")
+        raise WeightsFileError(f"{path}: {name} has shape {short_repr(shape)}; expected a list of at most "
+                               f"{_MAX_NDIM} non-negative ints")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_index(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         raise WeightsFileError(
-            f"{path}: {key!r} has data_offsets {str(offsets)[:100]}; expected [begin, end] with 0 <= begin <= end")
+            f"{path}: {name} has data_offsets {short_repr(offsets)}; expected [begin, end] with 0 <= begin <= end")
     dtype = np.dtype(_DTYPES[code])
+    check_shape(shape, dtype.itemsize, f"{path}: {name}", limits)
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise WeightsFileError(
-            f"{path}: {key!r} is {code} of shape {tuple(shape)}, {math.prod(shape) * dtype.itemsize} bytes, but "
+            f"{path}: {name} is {code} of shape {tuple(shape)}, {math.prod(shape) * dtype.itemsize} bytes, but "
             f"its data_offsets [{begin}, {end}] span {end - begin}")
     return code, dtype, tuple(shape), begin, end
+
+
+def _checked_header(f, path, size: int, limits: Limits) -> tuple[list, dict, int]:
+    """``(entries, metadata, data start)`` of an open file, every limit applied; no tensor is read."""
+    header, data_start = _read_header(f, path, size, limits)
+    metadata = header.pop(_METADATA, {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise WeightsFileError(f"{path}: {_METADATA} is {short_repr(metadata)}, expected an object of str -> str")
+    if size - data_start > limits.max_bytes:
+        raise WeightsLimitError(
+            f"{path}: data section of {size - data_start} bytes exceeds the limit of {limits.max_bytes} "
+            f"(Limits.max_bytes; pass a larger max_bytes if the file is trusted)")
+    entries = [(key, *_parse_entry(key, info, path, limits)) for key, info in header.items()]
+    return entries, metadata, data_start
+
+
+def read_safetensors_metadata(path, size: int, limits: Limits) -> dict:
+    """The ``__metadata__`` (str -> str) of a ``.safetensors`` file, ``{}`` if it has none; tensors unread."""
+    with open(path, "rb") as f:
+        return _checked_header(f, path, size, limits)[1]
 
 
 def read_safetensors(path, size: int, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
     """The tensors of the ``.safetensors`` file ``path`` (``size`` bytes long) as NumPy arrays."""
     with open(path, "rb") as f:
-        header, data_start = _read_header(f, path, size, limits)
-        metadata = header.pop(_METADATA, {})
-        if not isinstance(metadata, dict):
-            raise WeightsFileError(f"{path}: {_METADATA} is a {type(metadata).__name__}, expected an object")
-        entries = [(key, *_parse_entry(key, info, path)) for key, info in header.items()]
-
-        data_size = size - data_start
-        if data_size > limits.max_bytes:
-            raise WeightsLimitError(
-                f"{path}: data section of {data_size} bytes exceeds the limit of {limits.max_bytes} "
-                f"(Limits.max_bytes; pass a larger max_bytes if the file is trusted)")
-        position, previous = 0, None
-        for key, _, _, _, begin, end in sorted(entries, key=lambda e: (e[4], e[5])):
-            if begin < position:
-                raise WeightsFileError(
-                    f"{path}: {key!r} starts at byte {begin} of the data section, inside {previous!r}, which "
-                    f"ends at {position}: tensors must not overlap")
-            if begin > position:
-                raise WeightsFileError(
-                    f"{path}: bytes {position}..{begin} of the data section belong to no tensor (before {key!r}); "
-                    f"the format allows no holes")
-            position, previous = end, key
-        if position != data_size:
-            raise WeightsFileError(
-                f"{path}: the tensors end at byte {position} of the data section, which has {data_size} bytes; "
-                + ("the file is truncated" if position > data_size else "trailing bytes belong to no tensor"))
-
+        entries, _, data_start = _checked_header(f, path, size, limits)
         out = collections.OrderedDict()
-        for key, code, dtype, shape, begin, end in entries:
-            array = np.empty(shape, dtype=dtype)
-            if end > begin:
-                f.seek(data_start + begin)
-                # Read straight into the array's memory: one copy from the file, none in Python.
-                got = f.readinto(array.reshape(-1).view(np.uint8))
-                if got != end - begin:
-                    raise WeightsFileError(
-                        f"{path}: {key!r} needs {end - begin} bytes at offset {data_start + begin}, the file gave "
-                        f"{got}; it is truncated")
-            if code == "BF16":
-                array = bfloat16_to_float32(array)
-            out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
+        try:
+            with safetensors.safe_open(str(path), framework="np") as st:  # validates the layout
+                for key, code, dtype, shape, begin, end in entries:
+                    if code == "BF16":
+                        f.seek(data_start + begin)
+                        array = bfloat16_to_float32(np.frombuffer(f.read(end - begin), dtype).reshape(shape))
+                    else:
+                        array = st.get_tensor(key)
+                    if code == "BOOL":  # a byte other than 0 or 1 would be a bool that is neither
+                        array = array.view(np.uint8) != 0
+                    out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
+        except WeightsFileError:
+            raise
+        except Exception as exc:  # SafetensorError, and whatever else the package or NumPy raise
+            raise WeightsFileError(
+                f"{path}: not a valid .safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
     return out
 
 
+def write_safetensors(f, arrays, metadata=None) -> None:
+    """Write ``(key, array)`` pairs (C-contiguous, little-endian) and ``metadata`` to the binary file ``f``.
 
-def write_safetensors(f, arrays) -> None:
-    """Write ``(key, array)`` pairs (C-contiguous, little-endian) to the binary file ``f``.
-
-    Tensors are laid out back to back in the given order; the header lists
-    them in the same order and is padded with spaces to a multiple of 8 bytes,
-    so that the data section starts aligned, as the reference writer does.
+    ``metadata`` (str -> str, or None) goes to the header's ``__metadata__``.
+    The ``safetensors`` package lays the file out (sorted by dtype size, then
+    name, and 8-byte aligned).
     """
-    header, offset = {}, 0
+    tensors = {}
     for key, array in arrays:
         if key == _METADATA:
             raise ValueError(f"state-dict key {_METADATA!r} is reserved by the safetensors format")
-        header[key] = {"dtype": _CODES[array.dtype], "shape": list(array.shape),
-                       "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for _, array in arrays:
-        if array.nbytes:
-            f.write(array.reshape(-1).view(np.uint8))
+        tensors[key] = array
+    f.write(safetensors.numpy.save(tensors, metadata=metadata))

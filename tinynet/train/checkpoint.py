@@ -23,13 +23,14 @@ another run is refused with the reason.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
 
 from .. import backend
-from ..io import WeightsFileError, load_weights
-from ..io.files import atomic_write
+from ..io import WeightsFileError, WeightsValueError, check_state_values, load_weights
+from ..io.files import atomic_write, short_repr
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointWriteError", "FORMAT"]
 
@@ -97,6 +98,73 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, *, epoch: int, 
     return path
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (JSON has no NaN, but Python's json module reads ``NaN`` and ``Infinity``)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _number_or_numbers(value) -> bool:
+    return _is_number(value) or value is None or isinstance(value, bool) or (
+        isinstance(value, list) and all(_is_number(v) for v in value))
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a checkpoint's JSON metadata (hand-edited, or from another program), or None.
+
+    Checked before anything is loaded, so that a bad field is one line naming
+    it, never a traceback from deep inside the optimizer or the training loop.
+    """
+    for key in ("epoch", "batch"):
+        if not (_is_int(meta.get(key)) and meta[key] >= 0):
+            return f"{key} is {short_repr(meta.get(key))}, expected an int >= 0"
+    if not (isinstance(meta.get("model_keys"), list) and all(isinstance(k, str) for k in meta["model_keys"])):
+        return "model_keys is not a list of str"
+    if not isinstance(meta.get("extra", {}), dict):
+        return f"extra is a {type(meta['extra']).__name__}, expected an object"
+    partial = (meta.get("extra") or {}).get("_partial_epoch")
+    if partial is not None and not (isinstance(partial, dict)
+                                    and all(_is_number(partial.get(k, 0)) and partial.get(k, 0) >= 0
+                                            for k in ("loss_sum", "correct", "seen", "skipped"))
+                                    and all(_is_int(partial.get(k, 0)) for k in ("correct", "seen", "skipped"))):
+        return f"extra._partial_epoch is {short_repr(partial)}, expected running sums loss_sum, correct, seen, skipped"
+    opt = meta.get("optimizer")
+    if opt is not None:
+        if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+                and isinstance(opt.get("scalars"), dict)):
+            return "optimizer is not an object with param_groups (a list) and scalars (an object)"
+        for i, group in enumerate(opt["param_groups"]):
+            if not (isinstance(group, dict) and isinstance(group.get("params"), list)
+                    and all(_is_int(v) for v in group["params"])):
+                return f"optimizer.param_groups[{i}] is not an object with params (a list of ints)"
+            for name, value in group.items():
+                if name != "params" and not _number_or_numbers(value):
+                    return f"optimizer.param_groups[{i}].{name} is {short_repr(value)}, expected a finite number"
+        for index, scalars in opt["scalars"].items():
+            if not (index.isdigit() and isinstance(scalars, dict)
+                    and all(_is_number(v) and v >= 0 for v in scalars.values())):
+                return (f"optimizer.scalars[{short_repr(index)}] is {short_repr(scalars)}, expected finite numbers "
+                        f">= 0 (step counts)")
+    sched = meta.get("scheduler")
+    if sched is not None and not (isinstance(sched, dict) and _is_int(sched.get("last_epoch"))
+                                  and isinstance(sched.get("base_lrs"), list)
+                                  and all(_is_number(v) for v in sched["base_lrs"])):
+        return "scheduler is not an object with last_epoch (an int) and base_lrs (numbers)"
+    history = meta.get("history")
+    if history is not None:
+        from .loop import History  # loop imports this module: import at call time
+        try:
+            History.from_dict(history)
+        except (TypeError, AttributeError, ValueError) as error:
+            return f"history cannot be read ({str(error)[:100]})"
+        if not all(_number_or_numbers(v) for e in history.get("epochs", []) for v in e.values()):
+            return "history holds a value that is not a number"
+    return None
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) -> dict:
     """Restore ``model`` (and optimizer and scheduler) from ``path``; return the JSON metadata.
 
@@ -104,6 +172,13 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) ->
     nothing is loaded and :class:`CheckpointError` says what differs.  So
     must every entry of ``expect`` that the checkpoint's ``extra`` also has
     (``{"classes": [...], "seed": 42}``: the run being resumed must be the same).
+
+    Refused with a :class:`CheckpointError` naming the file, before anything
+    is loaded: a file :func:`tinynet.io.load_weights` refuses, metadata of the
+    wrong types or values (a hand-edited ``__meta__``: a string epoch, a
+    negative step count, a non-numeric learning rate), and values no model
+    can continue from (NaN or infinite weights or optimizer moments, a
+    negative ``running_var``: :func:`tinynet.io.check_state_values`).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -115,18 +190,29 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) ->
                               f"tinynet checkpoint") from None
     try:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except (KeyError, ValueError, UnicodeDecodeError):
+    except (KeyError, ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a tinynet checkpoint (no readable __meta__ entry)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else meta
-        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: unknown checkpoint format {short_repr(found)}, expected {FORMAT!r}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: its metadata is damaged or was edited: {problem}; "
+                              f"start a new run, or resume from an untouched checkpoint")
     saved = meta.get("extra") or {}
     for key, value in _jsonable(dict(expect or {})).items():
         if key in saved and saved[key] != value:
-            raise CheckpointError(f"checkpoint {path} belongs to another run: its {key} is {saved[key]!r}, this "
-                                  f"run's is {value!r}; start a new run in another folder, or without resuming")
+            raise CheckpointError(f"checkpoint {path} belongs to another run: its {key} is {short_repr(saved[key])}, "
+                                  f"this run's is {short_repr(value)}; start a new run in another folder, or without "
+                                  f"resuming")
 
     state = {key[len("model/"):]: value for key, value in arrays.items() if key.startswith("model/")}
+    opt_arrays = {key: value for key, value in arrays.items() if key.startswith("optimizer/")}
+    try:
+        check_state_values(state, path)
+        check_state_values(opt_arrays, path)  # Adam's moments, momentum buffers: NaN there is NaN in the weights
+    except WeightsValueError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {str(error)[len(str(path)) + 2:]}") from None
     try:
         model.load_state_dict(state, strict=True)
     except KeyError as error:  # StateDictError lists every difference
@@ -136,10 +222,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) ->
         if meta.get("optimizer") is None:
             raise CheckpointError(f"checkpoint {path} holds no optimizer state")
         opt_state = {}
-        for key, value in arrays.items():
-            if key.startswith("optimizer/"):
-                _, index, name = key.split("/", 2)
-                opt_state.setdefault(int(index), {})[name] = value
+        for key, value in opt_arrays.items():
+            parts = key.split("/", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise CheckpointError(f"checkpoint {path}: array {short_repr(key)} is not optimizer/<index>/<name>")
+            opt_state.setdefault(int(parts[1]), {})[parts[2]] = value
         for index, scalars in meta["optimizer"]["scalars"].items():
             opt_state.setdefault(int(index), {}).update(scalars)
         groups = meta["optimizer"]["param_groups"]
@@ -148,8 +235,11 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) ->
                 group["betas"] = tuple(group["betas"])
         try:
             optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        except ValueError as error:
+        except (ValueError, TypeError, KeyError) as error:
             raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {error}") from None
     if scheduler is not None and meta.get("scheduler") is not None:
-        scheduler.load_state_dict(meta["scheduler"])
+        try:
+            scheduler.load_state_dict(meta["scheduler"])
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise CheckpointError(f"checkpoint {path}: scheduler state does not fit: {error}") from None
     return meta
