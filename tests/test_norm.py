@@ -117,3 +117,16 @@ def test_pytorch_parity(training, rng):
     np.testing.assert_allclose(layer.backward(g), xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(layer.bias.grad, ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_affine_false_constants_are_non_persistent_buffers(rng):
+    """gamma = 1 and beta = 0 move with .to() (no host copy per GPU forward) but stay out of the state dict."""
+    layer = nn.BatchNorm2d(3, affine=False)
+    assert list(layer.state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    layer.double()
+    names = dict(layer.named_buffers())
+    assert names["_gamma"].dtype == np.float64 and names["_beta"].dtype == np.float64
+    x = rng.standard_normal((4, 3, 2, 2))
+    layer(x)
+    layer.backward(rng.standard_normal(x.shape))
+    gradcheck(nn.BatchNorm2d(3, affine=False, dtype=np.float64), x).assert_ok()
