@@ -213,3 +213,67 @@ def test_non_integer_geometry_is_refused():
     with pytest.raises((TypeError, ValueError), match="must be an int"):
         nn.Conv2d(3.5, 4, 3)
     assert nn.Conv2d(3, 4, np.int64(3)).kernel_size == (3, 3)
+
+
+# (C, C_out, kernel, stride, padding, H, W, groups): grouped, depthwise, depthwise with a multiplier,
+# and a grouped 1x1 (col is x itself).
+GROUPED = [
+    (4, 6, 3, 1, 1, 6, 5, 2),
+    (3, 3, 3, 2, 1, 7, 7, 3),
+    (2, 4, (3, 2), (1, 2), (1, 0), 6, 7, 2),
+    (6, 4, 1, 1, 0, 4, 5, 2),
+]
+
+
+def make_grouped(case, rng, dtype=np.float64):
+    c, co, k, s, p, h, w, g = case
+    return (nn.Conv2d(c, co, k, stride=s, padding=p, groups=g, rng=rng, dtype=dtype),
+            rng.standard_normal((2, c, h, w)).astype(dtype))
+
+
+@pytest.mark.parametrize("case", GROUPED)
+def test_grouped_gradcheck(case, rng):
+    layer, x = make_grouped(case, rng)
+    assert layer.weight.shape[1] == case[0] // case[7]
+    gradcheck(layer, x, seed=1).assert_ok()
+
+
+@pytest.mark.parametrize("case", GROUPED)
+def test_grouped_matches_loop_reference(case, rng):
+    layer, x = make_grouped(case, rng)
+    g = case[7]
+    out = layer(x)
+    np.testing.assert_allclose(out, reference.conv2d(x, layer.weight.data, layer.bias.data, layer.stride,
+                                                     layer.padding, groups=g), rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out.shape)
+    dx = layer.backward(dout)
+    rdx, rdw, rdb = reference.conv2d_grads(x, layer.weight.data, dout, layer.stride, layer.padding, groups=g)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, rdw, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, rdb, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", GROUPED)
+def test_grouped_pytorch_parity_float64(case, rng):
+    torch = torch_or_skip()
+    layer, x = make_grouped(case, rng)
+    c, co, k, s, p, h, w, g = case
+    ref = torch.nn.Conv2d(c, co, k, stride=s, padding=p, groups=g).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(layer.weight.data))
+        ref.bias.copy_(torch.from_numpy(layer.bias.data))
+    t = torch.tensor(x, requires_grad=True)
+    out = ref(t)
+    dout = rng.standard_normal(tuple(out.shape))
+    out.backward(torch.from_numpy(dout))
+    np.testing.assert_allclose(layer(x), out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.backward(dout), t.grad.numpy(), rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-11, atol=1e-12)
+    assert layer.state_dict()["weight"].shape == tuple(ref.weight.shape)
+
+
+def test_groups_must_divide_the_channels():
+    with pytest.raises(ValueError, match=r"Conv2d: groups=2 must divide both in_channels=3 and out_channels=4"):
+        nn.Conv2d(3, 4, 3, groups=2)
+    with pytest.raises(TypeError, match="groups must be an int"):
+        nn.Conv2d(4, 4, 3, groups=2.0)

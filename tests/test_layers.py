@@ -134,3 +134,13 @@ def test_dropout_and_flatten_check_the_upstream_gradient(make, shape, rng):
     layer(rng.standard_normal(shape).astype(np.float32))
     with pytest.raises(ValueError, match=r"dtype float32.*float64"):
         layer.backward(np.ones(y.shape))
+
+
+def test_an_in_place_relu_over_a_kept_output_is_an_error(rng):
+    """Softmax's backward reads its output: an in-place ReLU after it would corrupt that gradient."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.ReLU(inplace=True))
+    with pytest.raises(RuntimeError, match=r"ReLU '2': would write in place over the output of Softmax '1'"):
+        net(rng.standard_normal((2, 3)).astype(np.float32))
+    safe = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.ReLU())
+    y = safe(rng.standard_normal((2, 3)).astype(np.float32))
+    safe.backward(np.ones_like(y))

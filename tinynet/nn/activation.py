@@ -16,13 +16,14 @@ the mask, as IEEE multiplication says (``inf * 0 = nan``).
 pass over fresh memory.  That is safe exactly when nothing else still needs
 ``x``: after a convolution (its backward keeps ``col``), a BatchNorm (keeps
 ``xhat``) or a residual sum, as in tinynet's models; not on an input that
-another branch also reads.
+another branch also reads.  Over the output of a layer that keeps its output
+for its backward (Softmax) it is an error, not a silent corruption.
 """
 from __future__ import annotations
 
 from .. import backend, kernels
 from .functional import softmax
-from .module import Module
+from .module import Module, check_overwritable, keep_output, release_output
 from .validation import check_float, check_grad
 
 __all__ = ["relu_forward", "relu_backward", "ReLU", "Softmax"]
@@ -72,6 +73,8 @@ class ReLU(Module):
 
     def forward(self, x):
         check_float(self, x)
+        if self.inplace:
+            check_overwritable(self, x)
         y, mask = relu_forward(x, self.inplace)
         self._save_for_backward(mask, y.dtype)
         return y
@@ -106,9 +109,11 @@ class Softmax(Module):
         check_float(self, x)
         y = softmax(x, axis=self.dim)
         self._save_for_backward(y)
+        keep_output(self, y)
         return y
 
     def backward(self, dout):
         (y,) = self._saved_for_backward()
         check_grad(self, dout, y.shape, y.dtype)
+        release_output(y)
         return y * (dout - (dout * y).sum(axis=self.dim, keepdims=True))

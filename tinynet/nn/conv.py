@@ -35,6 +35,17 @@ weight's ``(C, KH, KW)`` axes (so ``W2d`` is a plain reshape of PyTorch's
 the GEMM result a ``(C_out, OH, OW, N)`` buffer; see :mod:`tinynet.nn.layout`
 for why the layer returns it as an NCHW view instead of copying.
 
+Grouped convolution (``groups = G``, PyTorch's argument): the C input and
+C_out output channels are split into G consecutive blocks, and output block g
+sees only input block g, with a weight of shape (C_out, C/G, KH, KW).
+``col``'s rows are ordered (C, KH, KW), so block g's receptive fields are the
+g-th block of K/G rows, and the one GEMM becomes G of them, as one batched
+matrix product::
+
+    out2d[g] (C_out/G, M) = W[g] (C_out/G, K/G) @ col[g] (K/G, M)
+
+and likewise in the backward.  ``groups = C`` is depthwise convolution.
+
 im2col and col2im loop over the KH*KW kernel offsets and copy one strided
 slice of the whole batch each time (as in "Deep Learning from Scratch"),
 which is much faster than fancy indexing or ``np.add.at``.  They never build
@@ -69,6 +80,7 @@ class ConvCache(NamedTuple):
     stride: tuple        #: (SH, SW)
     padding: tuple       #: (PH, PW)
     has_bias: bool
+    groups: int = 1      #: G: output block g sees input block g
 
 
 def _is_pointwise(kernel, stride, padding) -> bool:
@@ -196,13 +208,18 @@ def col2im(dcol, x_shape, kernel, stride, padding):
     return from_chwn(_sum_columns(dcol.reshape(c, kh, kw, oh, ow, n), (c, h, w, n), kernel, stride, padding))
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None):
+def _grouped(a, groups: int):
+    """A (rows, M) matrix as (G, rows/G, M): block g of rows is group g (a view)."""
+    return a.reshape(groups, a.shape[0] // groups, a.shape[1])
+
+
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, groups=1):
     """Convolution (cross-correlation, as in PyTorch).
 
     Parameters
     ----------
     x : (N, C, H, W)
-    w : (C_out, C, KH, KW)
+    w : (C_out, C/G, KH, KW)
     b : (C_out,) or None
     stride, padding : pairs (SH, SW), (PH, PW)
     col_buffer : optional (C, KH, KW, OH, OW, N) array for im2col to fill; the
@@ -218,12 +235,14 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None):
     n, _, h, wd = x.shape
     oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
     col = im2col(x, (kh, kw), stride, padding, out=col_buffer)  # (K, M)
-    w2d = w.reshape(c_out, -1)  # (C_out, K)
-    out2d = w2d @ col  # (C_out, M)
+    if groups == 1:
+        out2d = w.reshape(c_out, -1) @ col  # W2d (C_out, K) @ col (K, M)
+    else:  # G products (C_out/G, K/G) @ (K/G, M), stacked into (C_out, M)
+        out2d = (w.reshape(groups, c_out // groups, -1) @ _grouped(col, groups)).reshape(c_out, -1)
     if b is not None:
         out2d += b[:, None]
     out = from_channel_matrix(out2d, (n, c_out, oh, ow))
-    return out, ConvCache(col, x.shape, w, tuple(stride), tuple(padding), b is not None)
+    return out, ConvCache(col, x.shape, w, tuple(stride), tuple(padding), b is not None, groups)
 
 
 def conv2d_backward(dout, cache, need_dx: bool = True):
@@ -241,59 +260,70 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     dw : (C_out, C, KH, KW)
     db : (C_out,) or None
     """
-    col, x_shape, w, stride, padding, has_bias = cache
+    col, x_shape, w, stride, padding, has_bias, groups = cache
     c_out, _, kh, kw = w.shape
     dout2d = channel_matrix(dout)  # (C_out, M)
-    dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
     db = dout2d.sum(axis=1) if has_bias else None
+    if groups == 1:
+        dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
+        w_t, dout_g = w.reshape(c_out, -1).T, dout2d  # W2d.T (K, C_out)
+    else:  # per group: dW[g] = dout[g] @ col[g].T, dcol[g] = W[g].T @ dout[g]
+        dout_g = _grouped(dout2d, groups)
+        dw = (dout_g @ _grouped(col, groups).transpose(0, 2, 1)).reshape(w.shape)
+        w_t = w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1)  # (G, K/G, C_out/G)
     dx = None
     if need_dx:
-        w2d_t = w.reshape(c_out, -1).T
         if _is_pointwise((kh, kw), stride, padding):
-            dcol = w2d_t @ dout2d  # col2im is the identity: dcol *is* dx, so it must be a new array
+            dcol = w_t @ dout_g  # col2im is the identity: dcol *is* dx, so it must be a new array
         else:
             # dcol only lives until col2im has summed it into a new dx: this thread's scratch buffer
             # (see backend.scratch), refilled by the next convolution's backward.
             xp = backend.get_array_module(dout2d)
             dcol = backend.scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
-            xp.matmul(w2d_t, dout2d, out=dcol)  # dcol = W2d.T @ dout2d, (K, M)
-        dx = col2im(dcol, x_shape, (kh, kw), stride, padding)
+            xp.matmul(w_t, dout_g, out=dcol if groups == 1 else _grouped(dcol, groups))  # dcol = W2d.T @ dout2d
+        dx = col2im(dcol.reshape(col.shape), x_shape, (kh, kw), stride, padding)
     return dx, dw, db
 
 
 class Conv2d(Module):
-    """2-D convolution layer, ``Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True)``.
+    """``Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, groups=1)``.
 
     Input (N, C, H, W) -> output (N, C_out, OH, OW).  Parameters ``weight``
-    (C_out, C, KH, KW) and ``bias`` (C_out,), initialised as in PyTorch
-    (see :mod:`tinynet.nn.init`).
+    (C_out, C/groups, KH, KW) and ``bias`` (C_out,), initialised as in PyTorch
+    (see :mod:`tinynet.nn.init`).  ``groups`` splits the channels into
+    independent blocks (grouped convolution; ``groups=C``: depthwise).
     """
 
     #: ``_free_cols``: im2col buffers this layer owns, free to refill (see :meth:`_take_col_buffer`).
     _transient = Module._transient + ("_free_cols",)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 rng=None, dtype="float32"):
+                 rng=None, dtype="float32", groups=1):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels", "Conv2d")
         self.out_channels = positive_int(out_channels, "out_channels", "Conv2d")
         self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d")
         self.stride = pair(stride, "stride", "Conv2d")
         self.padding = pair(padding, "padding", "Conv2d")
+        self.groups = positive_int(groups, "groups", "Conv2d")
         object.__setattr__(self, "_free_cols", [])
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide both in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
         if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.padding) < 0:
             raise ValueError(
                 f"Conv2d: kernel_size and stride must be positive and padding non-negative, got "
                 f"kernel_size={kernel_size}, stride={stride}, padding={padding}"
             )
-        shape = (self.out_channels, self.in_channels) + self.kernel_size
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        fan_in = shape[1] * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(uniform_fan_in(shape, fan_in, rng, dtype))
         self.bias = Parameter(uniform_fan_in((self.out_channels,), fan_in, rng, dtype)) if bias else None
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, padding={self.padding}")
+        s += "" if self.groups == 1 else f", groups={self.groups}"
         return s + ("" if self.bias is not None else ", bias=False")
 
     def forward(self, x):
@@ -306,7 +336,7 @@ class Conv2d(Module):
             )
         b = self.bias.data if self.bias is not None else None
         buffer = self._take_col_buffer(x)
-        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, buffer)
+        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, buffer, self.groups)
         self._save_for_backward(cache, out.shape, buffer)
         return out
 

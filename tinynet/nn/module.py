@@ -32,6 +32,7 @@ State-dict keys follow PyTorch's names (``weight``, ``bias``,
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Iterator, NamedTuple
 
@@ -49,6 +50,8 @@ __all__ = [
     "is_grad_enabled",
     "LoadResult",
     "StateDictError",
+    "keep_output",
+    "check_overwritable",
 ]
 
 # ---------------------------------------------------------------------------
@@ -82,6 +85,41 @@ def no_grad() -> _GradMode:
 
 def enable_grad() -> _GradMode:
     return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# Outputs kept for a backward: an in-place op must not overwrite them
+# ---------------------------------------------------------------------------
+_kept_outputs: dict = {}  # id(array) -> (weak reference to it, the layer that keeps it)
+
+
+def keep_output(layer, y) -> None:
+    """Record that ``layer``'s backward will read its output ``y`` (Softmax keeps ``y``).
+
+    An in-place layer handed ``y`` then refuses to overwrite it
+    (:func:`check_overwritable`) instead of silently corrupting the backward.
+    The record goes when ``y`` is freed or the layer's backward has run
+    (:func:`release_output`).
+    """
+    if not is_grad_enabled():
+        return  # no backward will come
+    key = id(y)
+    _kept_outputs[key] = (weakref.ref(y, lambda _, key=key: _kept_outputs.pop(key, None)), layer._describe())
+
+
+def release_output(y) -> None:
+    """``y`` is no longer needed by a backward: it may be overwritten."""
+    _kept_outputs.pop(id(y), None)
+
+
+def check_overwritable(layer, x) -> None:
+    """Raise if ``x`` is an output that another layer keeps for its backward."""
+    entry = _kept_outputs.get(id(x))
+    if entry is not None and entry[0]() is x:
+        raise RuntimeError(
+            f"{layer._describe()}: would write in place over the output of {entry[1]}, which keeps that output "
+            f"for its backward; use inplace=False here"
+        )
 
 
 # ---------------------------------------------------------------------------

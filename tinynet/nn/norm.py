@@ -47,6 +47,7 @@ __all__ = [
     "BatchNormTrainCache", "BatchNormEvalCache",
     "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward_train",
     "batch_norm_backward_eval", "BatchNorm1d", "BatchNorm2d",
+    "LayerNormCache", "layer_norm_forward", "layer_norm_backward", "LayerNorm",
 ]
 
 
@@ -270,3 +271,114 @@ class BatchNorm2d(_BatchNorm):
 
     _ranks = (4,)
     _expected = "(N, {c}, H, W)"
+
+
+# ---------------------------------------------------------------------------
+# Layer normalisation
+# ---------------------------------------------------------------------------
+class LayerNormCache(NamedTuple):
+    """What :func:`layer_norm_backward` needs from :func:`layer_norm_forward`."""
+
+    xhat: object     #: (R, D) normalised input
+    inv_std: object  #: (R,) 1 / sqrt(var + eps) of each row
+    gamma: object    #: (D,) or None without affine
+
+
+def layer_norm_forward(x2, gamma, beta, eps):
+    """Normalise each *row* of ``x2`` (R, D) over its D features; ``gamma``, ``beta`` (D,) or None.
+
+    Per row r (one sample, or one position of a sequence)::
+
+        mu_r = (1/D) sum_d x_rd,  var_r = (1/D) sum_d (x_rd - mu_r)^2,
+        xhat = (x - mu) / sqrt(var + eps),   y = gamma * xhat + beta   (gamma, beta per feature)
+
+    Unlike BatchNorm, the statistics are the sample's own: no running
+    statistics, the same computation in training and evaluation.  Returns
+    ``(y2, cache)``.
+    """
+    xp = backend.get_array_module(x2)
+    d = x2.shape[1]
+    xhat = x2 - x2.mean(axis=1, keepdims=True)  # centred; becomes xhat in place
+    var = xp.einsum("rd,rd->r", xhat, xhat) / d
+    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x2.dtype, copy=False)
+    xhat *= inv_std[:, None]
+    if gamma is None:
+        return xhat.copy(), LayerNormCache(xhat, inv_std, None)
+    y2 = xhat * gamma
+    y2 += beta
+    return y2, LayerNormCache(xhat, inv_std, gamma)
+
+
+def layer_norm_backward(dy2, cache):
+    """``(dx2, dgamma, dbeta)`` for :func:`layer_norm_forward` (None, None without affine).
+
+    With ``g = gamma * dy`` (the gradient reaching ``xhat``), per row, the
+    derivation of BatchNorm's dx with the roles of the axes exchanged
+    (docs/derivations.md)::
+
+        dx = inv_std / D * (D g - sum_d g - xhat * sum_d g xhat)
+    """
+    xp = backend.get_array_module(dy2)
+    xhat, inv_std, gamma = cache
+    d = dy2.shape[1]
+    if gamma is None:
+        g, dgamma, dbeta = dy2, None, None
+    else:
+        dbeta = dy2.sum(axis=0)
+        dgamma = xp.einsum("rd,rd->d", dy2, xhat)
+        g = dy2 * gamma
+    sum_g = g.sum(axis=1, keepdims=True)
+    sum_gx = xp.einsum("rd,rd->r", g, xhat)[:, None]
+    dx2 = g * d
+    dx2 -= sum_g
+    dx2 -= xhat * sum_gx
+    dx2 *= (inv_std / d)[:, None]
+    return dx2, dgamma, dbeta
+
+
+class LayerNorm(Module):
+    """``LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True)``, as PyTorch's.
+
+    Normalises over the trailing dimensions ``normalized_shape`` (an int for
+    the last one, or a tuple): input ``(*, *normalized_shape)``, output of the
+    same shape.  Parameters ``weight`` and ``bias`` of shape
+    ``normalized_shape`` (ones and zeros) when ``elementwise_affine``.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine: bool = True, dtype="float32"):
+        super().__init__()
+        shape = (normalized_shape,) if not isinstance(normalized_shape, (tuple, list)) else normalized_shape
+        self.normalized_shape = tuple(positive_int(s, "normalized_shape", "LayerNorm") for s in shape)
+        if not self.normalized_shape:
+            raise ValueError("LayerNorm: normalized_shape must name at least one dimension, got ()")
+        if not eps > 0:
+            raise ValueError(f"LayerNorm: eps must be positive, got {eps}")
+        self.eps, self.elementwise_affine = float(eps), bool(elementwise_affine)
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype=dtype)) if elementwise_affine else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dtype)) if elementwise_affine else None
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+    def forward(self, x):
+        k = len(self.normalized_shape)
+        check_input(self, x, f"(*, {', '.join(map(str, self.normalized_shape))})", tuple(range(k, 9)))
+        if tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
+            raise ValueError(f"{self._describe()}: expected input of shape (*, "
+                             f"{', '.join(map(str, self.normalized_shape))}), received {tuple(x.shape)}")
+        d = int(np.prod(self.normalized_shape))
+        x2 = x.reshape(-1, d)  # (R, D): a view when the trailing dimensions are contiguous
+        gamma = self.weight.data.reshape(d) if self.elementwise_affine else None
+        beta = self.bias.data.reshape(d) if self.elementwise_affine else None
+        y2, cache = layer_norm_forward(x2, gamma, beta, self.eps)
+        self._save_for_backward(cache, x.shape, x.dtype)
+        return y2.reshape(x.shape)
+
+    def backward(self, dout):
+        cache, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
+        dx2, dgamma, dbeta = layer_norm_backward(dout.reshape(-1, cache.xhat.shape[1]), cache)
+        if self.elementwise_affine:
+            self.weight.accumulate_grad(dgamma.reshape(self.normalized_shape))
+            self.bias.accumulate_grad(dbeta.reshape(self.normalized_shape))
+        return dx2.reshape(shape)
