@@ -104,7 +104,11 @@ def keep_output(layer, y) -> None:
     if not is_grad_enabled():
         return  # no backward will come
     key = id(y)
-    _kept_outputs[key] = (weakref.ref(y, lambda _, key=key: _kept_outputs.pop(key, None)), layer._describe())
+    try:
+        ref = weakref.ref(y, lambda _, key=key: _kept_outputs.pop(key, None))
+    except TypeError:  # an array type without weak references: not checked (never kept alive by us)
+        return
+    _kept_outputs[key] = (ref, layer._describe())
 
 
 def release_output(y) -> None:
