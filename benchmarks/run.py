@@ -370,6 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results/<date>-<device>.json)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("FRAMEWORK", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    backend.keep_freed_host_memory()  # as a training script does (tinynet no longer does it on import)
     if args.memory_probe:
         print(json.dumps(memory_probe(*args.memory_probe, backend.normalize_device(args.device), args.batch)))
         return 0

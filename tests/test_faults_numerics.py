@@ -155,6 +155,13 @@ def test_nan_gradient_behind_a_finite_loss_never_overwrites_the_last_good_checkp
     assert all(np.all(np.isfinite(value)) for value in fresh.state_dict().values())
 
 
+def test_a_skipped_batch_leaves_no_cache_behind():
+    """Caches are per call: a forward whose backward never comes must not keep its memory for ever."""
+    model, opt, train, val = toy()
+    fit(model, opt, FaultyLoss(2, "inf"), train, val, epochs=1, on_nan="skip", progress=False, log=None)
+    assert all(m.pending_calls == 0 for m in model.modules())
+
+
 # ---------------------------------------------------------------------------
 # Through the command line (2 training steps per epoch: 14 images, batches of 7)
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tinynet.nn.layout import from_chwn, to_chwn
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the kernel bodies")
 
-CTYPES = {"T": None, "S": ctypes.c_uint8, "int32": ctypes.c_int, "int64": ctypes.c_longlong}
+CTYPES = {"T": None, "S": ctypes.c_uint8, "bool": ctypes.c_bool, "int32": ctypes.c_int, "int64": ctypes.c_longlong}
 
 
 def parse(params):
@@ -42,7 +42,7 @@ def compile_kernel(name, tmp_path, scalars=(), real="double"):
     real_ctype = ctypes.c_double if real == "double" else ctypes.c_float
     for is_out, params in ((False, in_params), (True, out_params)):
         for raw, typ, pname in parse(params):
-            ctype = {"T": "T", "S": "S", "int32": "int", "int64": "long long"}[typ]
+            ctype = {"T": "T", "S": "S", "bool": "bool", "int32": "int", "int64": "long long"}[typ]
             const = "" if is_out else "const "
             if raw:
                 args.append(f"{const}{ctype}* {pname}")
@@ -54,7 +54,7 @@ def compile_kernel(name, tmp_path, scalars=(), real="double"):
                 args.append(f"{const}{ctype}* {pname}_ptr")
                 prologue.append(f"{const}{ctype}& {pname} = {pname}_ptr[i];")
                 argtypes.append(ctypes.c_void_p)
-    source = (f"#include <cmath>\n#include <cstddef>\n#define CUDART_INF_F INFINITY\n"
+    source = (f"#include <cmath>\n#include <cstddef>\n#define CUDART_INF_F INFINITY\nusing std::isnan;\n"
               f"typedef {real} T; typedef unsigned char S;\n"
               f"extern \"C\" void run({', '.join(args)}) {{\n"
               f"  for (ptrdiff_t i = 0; i < total; ++i) {{\n    {' '.join(prologue)}\n{body}\n  }}\n}}\n")
@@ -110,12 +110,15 @@ def test_max_pool_kernels_match_numpy(geom, tmp_path, rng):
     c, h, w, n, k, s, p = geom
     oh, ow, g = geometry_args(*geom)
     x = np.round(rng.standard_normal((n, c, h, w)), 1)  # rounded: ties happen and must go to the first cell
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = np.nan  # NaN wins its window, as in PyTorch
+    x[0, 0, 0, 0] = np.nan  # read by the first window of every geometry here
     ref_out, (ref_argmax, *_) = pool.max_pool2d_forward(x, k, s, p)
     xc = np.ascontiguousarray(to_chwn(x))
     out = np.empty((c, oh, ow, n))
     argmax = np.empty((c, oh, ow, n), np.uint8)
     compile_kernel("max_pool_forward", tmp_path)(out.size, ptr(xc), *g, ptr(out), ptr(argmax))
-    np.testing.assert_array_equal(from_chwn(out), ref_out)
+    assert np.isnan(ref_out).any()
+    np.testing.assert_array_equal(from_chwn(out), ref_out)  # NaN where the NumPy code has NaN
     np.testing.assert_array_equal(argmax, ref_argmax)
 
     dout = rng.standard_normal((n, c, oh, ow))
@@ -129,11 +132,15 @@ def test_max_pool_kernels_match_numpy(geom, tmp_path, rng):
 def test_relu_and_batch_norm_kernels_match_numpy(tmp_path, rng):
     from tinynet.nn import activation, norm
 
-    y = np.maximum(rng.standard_normal(50), 0)
+    _, mask = activation.relu_forward(rng.standard_normal(50))
     dy = rng.standard_normal(50)
+    dy[[0, 1, 2, 3]] = np.nan, np.inf, np.nan, -np.inf  # a NaN or inf gradient stays visible, masked or not
+    mask[[0, 1]] = False
     dx = np.empty(50)
-    compile_kernel("relu_backward", tmp_path)(50, ptr(dy), ptr(y), ptr(dx))
-    np.testing.assert_array_equal(dx, activation.relu_backward(dy, y))
+    compile_kernel("relu_backward", tmp_path)(50, ptr(dy), ptr(mask), ptr(dx))
+    with np.errstate(invalid="ignore"):  # inf * 0 = nan, on purpose
+        np.testing.assert_array_equal(dx, activation.relu_backward(dy, mask))
+    assert np.isnan(dx[:2]).all()  # dy NaN or inf where y = 0: NaN, as NumPy's dy * 0
 
     x2 = rng.standard_normal((3, 20)) * 2 + 1
     gamma, beta = rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
@@ -167,6 +174,13 @@ def test_adam_kernel_matches_the_optimizer(tmp_path, rng):
         opt.step()
         fn(30, ptr(g), 0.9, 0.999, 0.01 / (1 - 0.9 ** t), np.sqrt(1 - 0.999 ** t), 1e-8, ptr(q), ptr(m), ptr(v))
     np.testing.assert_allclose(q, p.data, rtol=1e-12)
+
+
+def test_no_kernel_includes_a_toolkit_header():
+    """CuPy prepends its own cupy/math_constants.h (CUDART_INF_F and friends) to every ElementwiseKernel;
+    the CUDA toolkit's <math_constants.h> may not be on CuPy's include path where only a driver is installed."""
+    for name, (_, _, _, preamble) in kernels.SOURCES.items():
+        assert "#include" not in preamble, name
 
 
 def test_every_kernel_is_covered():

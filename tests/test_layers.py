@@ -122,3 +122,25 @@ def test_relu_inplace_overwrites_its_input_and_keeps_the_gradient(rng):
     g = rng.standard_normal(x.shape)
     np.testing.assert_array_equal(layer.backward(g), g * (y > 0))
     gradcheck(nn.ReLU(inplace=True), rng.standard_normal((3, 4)) + 0.1).assert_ok()
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Dropout(0.5), (2, 3)), (lambda: nn.Dropout(0.0), (2, 3)),
+                                         (lambda: nn.Flatten(), (2, 3, 2))])
+def test_dropout_and_flatten_check_the_upstream_gradient(make, shape, rng):
+    layer = make()
+    y = layer(rng.standard_normal(shape).astype(np.float32))
+    with pytest.raises(ValueError, match=r"backward expected dL/d\(output\) of shape"):
+        layer.backward(np.ones((), np.float32))  # the loss instead of its gradient
+    layer(rng.standard_normal(shape).astype(np.float32))
+    with pytest.raises(ValueError, match=r"dtype float32.*float64"):
+        layer.backward(np.ones(y.shape))
+
+
+def test_an_in_place_relu_over_a_kept_output_is_an_error(rng):
+    """Softmax's backward reads its output: an in-place ReLU after it would corrupt that gradient."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.ReLU(inplace=True))
+    with pytest.raises(RuntimeError, match=r"ReLU '2': would write in place over the output of Softmax '1'"):
+        net(rng.standard_normal((2, 3)).astype(np.float32))
+    safe = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.ReLU())
+    y = safe(rng.standard_normal((2, 3)).astype(np.float32))
+    safe.backward(np.ones_like(y))

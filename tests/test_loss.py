@@ -141,3 +141,31 @@ def test_cross_entropy_pytorch_parity(rng):
     loss = nn.CrossEntropyLoss()
     assert float(loss(z, t)) == pytest.approx(ref.item(), rel=1e-6)
     np.testing.assert_allclose(loss.backward(), zt.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss, pred, target", [
+    (nn.CrossEntropyLoss(), np.zeros((0, 3), np.float32), np.zeros(0, np.int64)),
+    (nn.NLLLoss(), np.zeros((0, 3), np.float32), np.zeros(0, np.int64)),
+    (nn.BCEWithLogitsLoss(), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)),
+    (nn.BCELoss(), np.zeros(0, np.float32), np.zeros(0, np.float32)),
+])
+def test_an_empty_batch_is_a_clear_error(loss, pred, target):
+    with pytest.raises(ValueError, match=rf"{type(loss).__name__}: empty batch"):
+        loss(pred, target)
+
+
+def test_targets_on_the_device_are_range_checked_too(monkeypatch):
+    """On CuPy, an out-of-range index wraps around; the check must not be skipped for device targets.
+
+    A NumPy subclass stands in for device arrays, so the branch runs on the CPU.
+    """
+    from tinynet import backend
+
+    class DeviceArray(np.ndarray):
+        pass
+
+    monkeypatch.setattr(backend, "is_cupy_array", lambda x: isinstance(x, DeviceArray))
+    z = np.zeros((3, 4), np.float32).view(DeviceArray)
+    for bad in ([0, 1, 4], [0, -1, 2]):
+        with pytest.raises(ValueError, match=r"in \[0, 3\] for 4 classes"):
+            nn.CrossEntropyLoss()(z, np.array(bad).view(DeviceArray))

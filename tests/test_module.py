@@ -120,3 +120,114 @@ def test_assigning_a_non_module_over_a_module_is_refused():
     net = small()
     with pytest.raises(TypeError, match="expected a Parameter or Module"):
         setattr(net, "0", 5)
+
+
+def test_a_linear_layer_called_twice_gets_the_gradient_of_both_calls(rng):
+    from tinynet.gradcheck import numerical_gradient
+
+    lin = nn.Linear(4, 3, dtype=np.float64)
+    x1, x2 = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    y = lin(x1) + lin(x2)
+    g = rng.standard_normal(y.shape)
+    dx2 = lin.backward(g)
+    dx1 = lin.backward(g)
+
+    def objective():
+        with tinynet.no_grad():
+            return float(np.sum(g * (lin(x1) + lin(x2))))
+
+    for array, analytic in ((lin.weight.data, lin.weight.grad), (lin.bias.data, lin.bias.grad), (x1, dx1),
+                            (x2, dx2)):
+        numeric = numerical_gradient(objective, array, np.arange(array.size))
+        np.testing.assert_allclose(analytic.reshape(-1), numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_a_shared_layer_matches_pytorch(rng):
+    torch = pytest.importorskip("torch")
+    conv = nn.Conv2d(3, 4, 3, padding=1, dtype=np.float64)
+    relu = nn.ReLU()
+    x1, x2 = rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((2, 3, 5, 5))
+    y = relu(conv(x1)) + relu(conv(x2))
+    g = rng.standard_normal(y.shape)
+    dx2 = conv.backward(relu.backward(g))
+    dx1 = conv.backward(relu.backward(g))
+    tconv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    with torch.no_grad():
+        tconv.weight.copy_(torch.from_numpy(conv.weight.data))
+        tconv.bias.copy_(torch.from_numpy(conv.bias.data))
+    t1, t2 = (torch.tensor(a, requires_grad=True) for a in (x1, x2))
+    (torch.relu(tconv(t1)) + torch.relu(tconv(t2))).backward(torch.from_numpy(g))
+    np.testing.assert_allclose(conv.weight.grad, tconv.weight.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(dx1, t1.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(dx2, t2.grad.numpy(), rtol=1e-10)
+
+
+def test_backward_more_often_than_forward_is_an_error(rng):
+    lin = nn.Linear(3, 2)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    lin(x), lin(x)
+    lin.backward(np.ones((2, 2), np.float32))
+    lin.backward(np.ones((2, 2), np.float32))
+    with pytest.raises(RuntimeError, match=r"Linear: backward\(\) called before forward\(\), or more often"):
+        lin.backward(np.ones((2, 2), np.float32))
+
+
+def test_no_grad_stores_nothing_in_any_layer(rng):
+    net = small()
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with tinynet.no_grad():
+        net(x)
+        net(x)
+    for m in net.modules():
+        assert m.pending_calls == 0, m
+
+
+def test_too_many_forwards_without_backward_is_a_clear_error(rng):
+    lin = nn.Linear(3, 2)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for _ in range(lin.max_pending_calls):
+        lin(x)
+    with pytest.raises(RuntimeError, match=r"Linear: .*forward.*without a backward.*no_grad.*release_saved"):
+        lin(x)
+    lin.release_saved()
+    assert lin.pending_calls == 0
+    lin(x)
+
+
+def test_slicing_a_sequential_keeps_the_layers_names(rng):
+    model = resnet18(3, width=8)
+    part = model.layer1[0:1]
+    assert model.layer1[0].conv1._describe() == "Conv2d 'layer1.0.conv1'"
+    with pytest.raises(ValueError, match=r"Conv2d 'layer1\.0\.conv1': expected input"):
+        part(np.zeros((1, 5, 8, 8), np.float32))
+
+
+def test_load_state_dict_copies_on_the_device_path_too(monkeypatch):
+    """The CuPy branch once used ``asarray``, which returns the source itself when dtype and device match.
+
+    A NumPy subclass stands in for device arrays, so the branch runs on the CPU.
+    """
+    class DeviceArray(np.ndarray):
+        pass
+
+    class FakeCupy:
+        ndarray = DeviceArray
+
+        @staticmethod
+        def asarray(a, dtype=None):
+            out = np.asarray(a, dtype=dtype)
+            return out if isinstance(out, DeviceArray) else out.view(DeviceArray)
+
+        @staticmethod
+        def array(a, dtype=None, copy=True):
+            return np.array(a, dtype=dtype, copy=copy).view(DeviceArray)
+
+    monkeypatch.setattr(backend, "_cupy", FakeCupy)
+    monkeypatch.setattr(backend, "is_cupy_array", lambda x: isinstance(x, DeviceArray))
+    a, b = small(), small()
+    for m in (a, b):
+        for p in m.parameters():
+            p.data = p.data.view(DeviceArray)
+    b.load_state_dict(a.state_dict())
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert not np.shares_memory(pa.data, pb.data)

@@ -117,3 +117,81 @@ def test_pytorch_parity(training, rng):
     np.testing.assert_allclose(layer.backward(g), xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(layer.bias.grad, ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_affine_false_constants_are_non_persistent_buffers(rng):
+    """gamma = 1 and beta = 0 move with .to() (no host copy per GPU forward) but stay out of the state dict."""
+    layer = nn.BatchNorm2d(3, affine=False)
+    assert list(layer.state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    layer.double()
+    names = dict(layer.named_buffers())
+    assert names["_gamma"].dtype == np.float64 and names["_beta"].dtype == np.float64
+    x = rng.standard_normal((4, 3, 2, 2))
+    layer(x)
+    layer.backward(rng.standard_normal(x.shape))
+    gradcheck(nn.BatchNorm2d(3, affine=False, dtype=np.float64), x).assert_ok()
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, normalized", [((4, 6), 6), ((2, 3, 5), 5), ((2, 3, 4, 4), (3, 4, 4)),
+                                               ((3, 2, 4), (2, 4))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_gradcheck(shape, normalized, affine, rng):
+    layer = nn.LayerNorm(normalized, elementwise_affine=affine, dtype=np.float64)
+    if affine:
+        layer.weight.data = rng.uniform(0.5, 1.5, layer.weight.shape)
+        layer.bias.data = rng.standard_normal(layer.bias.shape)
+    gradcheck(layer, rng.standard_normal(shape) * 2 + 1).assert_ok()
+
+
+def test_layer_norm_matches_the_loop_oracle(rng):
+    from tinynet.nn import reference
+
+    layer = nn.LayerNorm(5, dtype=np.float64)
+    layer.weight.data, layer.bias.data = rng.uniform(0.5, 1.5, 5), rng.standard_normal(5)
+    x = rng.standard_normal((3, 4, 5))
+    y = layer(x)
+    x2 = x.reshape(-1, 5)
+    np.testing.assert_allclose(y.reshape(-1, 5), reference.layer_norm(x2, layer.weight.data, layer.bias.data, 1e-5),
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx = layer.backward(dy)
+    np.testing.assert_allclose(dx.reshape(-1, 5),
+                               reference.layer_norm_input_grad(x2, layer.weight.data, dy.reshape(-1, 5), 1e-5),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_normalises_each_sample_over_its_trailing_dims(rng):
+    x = rng.standard_normal((4, 3, 2, 2)) * 5 + 3
+    y = nn.LayerNorm((3, 2, 2), dtype=np.float64)(x)
+    np.testing.assert_allclose(y.reshape(4, -1).mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.reshape(4, -1).var(axis=1), 1, rtol=1e-4)
+
+
+def test_layer_norm_pytorch_parity_float64(rng):
+    torch = torch_or_skip()
+    layer = nn.LayerNorm((3, 4), dtype=np.float64)
+    layer.weight.data, layer.bias.data = rng.uniform(0.5, 1.5, (3, 4)), rng.standard_normal((3, 4))
+    ref = torch.nn.LayerNorm((3, 4)).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(layer.weight.data))
+        ref.bias.copy_(torch.from_numpy(layer.bias.data))
+    x = rng.standard_normal((2, 5, 3, 4))
+    dy = rng.standard_normal(x.shape)
+    t = torch.tensor(x, requires_grad=True)
+    out = ref(t)
+    out.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(layer(x), out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.backward(dy), t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, ref.bias.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert list(layer.state_dict()) == list(ref.state_dict())
+
+
+def test_layer_norm_bad_arguments_and_input():
+    with pytest.raises(TypeError, match="LayerNorm: normalized_shape must be an int"):
+        nn.LayerNorm(4.5)
+    with pytest.raises(ValueError, match=r"LayerNorm: expected input of shape \(\*, 4\), received \(2, 5\)"):
+        nn.LayerNorm(4)(np.zeros((2, 5), np.float32))

@@ -155,3 +155,30 @@ def test_pytorch_parity_over_several_steps(kind, rng):
         mine.step()
         ref.step()
     np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1), lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9)])
+def test_state_follows_the_parameter_after_model_to(make):
+    """State made before model.to(...) is moved to the parameter's device and dtype at the next step."""
+    layer = nn.Linear(3, 2)
+    opt = make(layer.parameters())
+    layer.weight.grad, layer.bias.grad = np.ones((2, 3), np.float32), np.ones(2, np.float32)
+    opt.step()
+    layer.double()
+    layer.weight.grad, layer.bias.grad = np.ones((2, 3)), np.ones(2)
+    opt.step()
+    for p in layer.parameters():
+        for value in opt.state[id(p)].values():
+            if hasattr(value, "dtype"):
+                assert value.dtype == np.float64
+
+
+def test_state_of_another_shape_names_the_parameter():
+    layer = nn.Linear(3, 2)
+    opt = optim.Adam(layer.parameters(), lr=0.1)
+    layer.weight.grad, layer.bias.grad = np.ones((2, 3), np.float32), np.ones(2, np.float32)
+    opt.step()
+    layer.weight.data = np.zeros((4, 3), np.float32)
+    layer.weight.grad = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"Adam: group 0, parameter 0 .*shape \(4, 3\).*exp_avg.*\(2, 3\)"):
+        opt.step()

@@ -120,3 +120,29 @@ def test_avgpool_pytorch_parity(k, s, p, h, w, rng):
     g = rng.standard_normal(yt.shape).astype(np.float32)
     yt.backward(torch.from_numpy(g))
     np.testing.assert_allclose(layer.backward(g), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_maxpool_propagates_nan_and_routes_its_gradient_like_pytorch(rng):
+    """NaN wins its window (the last NaN in row-major order, PyTorch's rule); its cell takes the gradient."""
+    torch = torch_or_skip()
+    x = rng.standard_normal((2, 3, 7, 7))
+    x[0, 0, 1, 1] = x[0, 0, 2, 2] = x[1, 2, 5, 0] = x[1, 1, 0, 6] = np.nan
+    for k, s, p in [(2, 2, 0), (3, 2, 1), (3, 1, 1)]:
+        layer = nn.MaxPool2d(k, s, p)
+        out = layer(x)
+        g = rng.standard_normal(out.shape)
+        dx = layer.backward(g)
+        t = torch.tensor(x, requires_grad=True)
+        tout = torch.nn.functional.max_pool2d(t, k, s, p)
+        tout.backward(torch.from_numpy(g))
+        np.testing.assert_array_equal(out, tout.detach().numpy())  # NaN where PyTorch has NaN
+        np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_non_integer_window_is_refused():
+    with pytest.raises((TypeError, ValueError), match="kernel_size must be an int"):
+        nn.MaxPool2d(2.5)
+    with pytest.raises((TypeError, ValueError), match="stride must be an int"):
+        nn.AvgPool2d(2, stride=1.5)
+    with pytest.raises((TypeError, ValueError), match="output_size must be an int"):
+        nn.AdaptiveAvgPool2d(1.5)

@@ -43,6 +43,8 @@ __all__ = [
     "synchronize",
     "normalize_device",
     "scratch",
+    "copy_to_device_of",
+    "elementwise_kernel",
     "keep_freed_host_memory",
     "cuda_collectives",
 ]
@@ -187,6 +189,24 @@ def check_same_device(x, reference, where: str) -> None:
         )
 
 
+def copy_to_device_of(value, like, dtype=None):
+    """A new array with ``value``'s contents on ``like``'s device: always a copy, on both backends.
+
+    (``cupy.asarray`` returns its argument itself when dtype and device already
+    match, so it cannot be used where the result must not alias the source.)
+    """
+    if is_cupy_array(like):
+        return _cupy.array(value, dtype=dtype, copy=True)
+    return numpy.array(to_numpy(value), dtype=dtype, copy=True)
+
+
+def elementwise_kernel(in_params: str, out_params: str, body: str, name: str, preamble: str = ""):
+    """A compiled ``cupy.ElementwiseKernel`` (CuPy compiles it on first launch and caches it)."""
+    if _cupy is None:
+        raise RuntimeError(f"kernel {name} needs CuPy, which could not be imported; {_INSTALL_HINT}")
+    return _cupy.ElementwiseKernel(in_params, out_params, body, name, preamble=preamble)
+
+
 _scratch = threading.local()
 
 
@@ -195,11 +215,17 @@ def scratch(name: str, shape, dtype, like):
 
     Allocating a fresh 30-40 MB array per call costs page faults on every
     first touch (on these machines, more than the copy that fills it); a
-    buffer kept per (name, dtype) and thread is faulted in once.  The contents
-    are undefined, and the buffer is handed out again on the next call with
-    the same name, so callers must not return it or keep it.  On the GPU,
-    CuPy's memory pool already recycles allocations, so a fresh array is
-    returned.
+    buffer kept per (name, dtype) and thread is faulted in once.
+
+    Owner and lifetime: the calling thread owns one buffer per (name, dtype),
+    for the life of the thread, grown to the largest size asked for.  The
+    contents are undefined, and the buffer is handed out again on the next
+    call with the same name, so a caller uses it only until it returns: it
+    never returns the buffer, a view of it, or keeps it in a cache.  Users:
+    ``conv2d_backward.dcol`` (summed into a new dx by col2im),
+    ``conv2d_forward.col`` (im2col under ``no_grad``, consumed by the GEMM)
+    and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
+    allocations, so a fresh array is returned.
     """
     xp = get_array_module(like)
     if xp is not numpy:
@@ -228,9 +254,10 @@ def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int =
     Peak memory does not grow; the process just keeps its peak until it exits,
     as PyTorch's users get by preloading jemalloc or tcmalloc.
 
-    tinynet calls this once at import (on Linux with glibc), unless the
-    environment variable ``TINYNET_KEEP_FREED_MEMORY=0`` is set.  Returns
-    whether the settings were applied.
+    It changes the whole process's allocator, so tinynet never calls it on
+    import (a Jupyter kernel or a server importing tinynet keeps its own
+    settings): a training script calls it once, at its start.  Returns whether
+    the settings were applied (Linux with glibc only).
     """
     import ctypes
     import sys

@@ -9,9 +9,11 @@ compared with the central difference
     dL/dx_i ~ (L(x + h e_i) - L(x - h e_i)) / (2 h)
 
 whose error is O(h^2).  Everything runs in float64 on the host (in float32
-the rounding error of L swamps the difference), on a deep copy of the layer,
-so the original's parameters, buffers and random generators are left as they
-were.  Random layers (Dropout) have their generator rewound before every
+the rounding error of L swamps the difference), on a copy of the layer, so
+the original's parameters, buffers and random generators are left as they
+were.  The copy takes no pending caches or workspaces (im2col buffers) along
+(see ``Module.__deepcopy__``), and the differencing forwards run under
+``no_grad``, so they store nothing.  Random layers (Dropout) have their generator rewound before every
 forward, so all evaluations see the same mask.
 
     report = tinynet.gradcheck.gradcheck(tinynet.nn.Conv2d(3, 4, 3, stride=2), x)
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend
+from .nn.module import no_grad
 
 __all__ = ["gradcheck", "numerical_gradient", "GradcheckReport", "GradcheckError"]
 
@@ -153,7 +156,8 @@ def gradcheck(layer, x, target=None, eps=1e-6, rtol=1e-4, atol=1e-5, max_checks=
         g = float(g)
 
     def objective():
-        return float(np.sum(g * run()))
+        with no_grad():  # the differencing forwards keep no cache
+            return float(np.sum(g * run()))
 
     layer.zero_grad()
     dx = layer.backward(g)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..nn import (AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU,
                   Sequential)
-from ..nn.residual import kaiming_init_
+from ..nn.init import kaiming_init_
 
 __all__ = ["ResNet", "resnet18", "make_head"]
 

@@ -16,7 +16,7 @@ from .linear import Linear
 from .loss import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
 from .module import (Identity, LoadResult, Module, Parameter, Sequential, StateDictError, enable_grad,
                      is_grad_enabled, no_grad)
-from .norm import BatchNorm1d, BatchNorm2d
+from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .regularization import L2Penalty
 from .residual import BasicBlock
@@ -25,7 +25,7 @@ from .shape import Flatten
 __all__ = [
     "Module", "Parameter", "Sequential", "Identity", "LoadResult", "StateDictError",
     "no_grad", "enable_grad", "is_grad_enabled",
-    "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d", "BatchNorm2d",
+    "Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm",
     "ReLU", "Softmax", "Dropout", "Flatten", "BasicBlock",
     "CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "BCELoss", "L2Penalty",
     "log_softmax", "logsumexp", "softmax", "sigmoid", "softmax_jacobian",

@@ -35,6 +35,17 @@ weight's ``(C, KH, KW)`` axes (so ``W2d`` is a plain reshape of PyTorch's
 the GEMM result a ``(C_out, OH, OW, N)`` buffer; see :mod:`tinynet.nn.layout`
 for why the layer returns it as an NCHW view instead of copying.
 
+Grouped convolution (``groups = G``, PyTorch's argument): the C input and
+C_out output channels are split into G consecutive blocks, and output block g
+sees only input block g, with a weight of shape (C_out, C/G, KH, KW).
+``col``'s rows are ordered (C, KH, KW), so block g's receptive fields are the
+g-th block of K/G rows, and the one GEMM becomes G of them, as one batched
+matrix product::
+
+    out2d[g] (C_out/G, M) = W[g] (C_out/G, K/G) @ col[g] (K/G, M)
+
+and likewise in the backward.  ``groups = C`` is depthwise convolution.
+
 im2col and col2im loop over the KH*KW kernel offsets and copy one strided
 slice of the whole batch each time (as in "Deep Learning from Scratch"),
 which is much faster than fancy indexing or ``np.add.at``.  They never build
@@ -46,62 +57,35 @@ and is the tests' oracle.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .. import backend, kernels
+from .geometry import conv_output_size, kernel_offsets, pair, positive_int
 from .init import uniform_fan_in
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .module import Module, Parameter, is_grad_enabled
 from .validation import check_grad, check_input
 
-__all__ = ["conv_output_size", "pair", "kernel_offsets", "im2col", "col2im", "conv2d_forward", "conv2d_backward",
-           "Conv2d"]
+__all__ = ["ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d",
+           # window geometry lives in tinynet.nn.geometry; these names stay importable from here
+           "conv_output_size", "pair", "kernel_offsets"]
 
 
-def pair(value, name: str = "value") -> tuple:
-    """``3 -> (3, 3)``; ``(3, 1)`` stays; anything else is an error."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        a, b = value
-    else:
-        a = b = value
-    try:
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+class ConvCache(NamedTuple):
+    """What :func:`conv2d_backward` needs from :func:`conv2d_forward`."""
+
+    col: object          #: (K, M) receptive fields; x itself (a view) for a 1x1 stride-1 unpadded conv
+    x_shape: tuple       #: (N, C, H, W)
+    weight: object       #: (C_out, C, KH, KW), the weight the forward used
+    stride: tuple        #: (SH, SW)
+    padding: tuple       #: (PH, PW)
+    has_bias: bool
+    groups: int = 1      #: G: output block g sees input block g
 
 
-def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    """``(size + 2*pad - kernel) // stride + 1``."""
-    return (size + 2 * pad - kernel) // stride + 1
-
-
-def _inside(offset: int, pad: int, stride: int, size: int, out_size: int):
-    """Output positions ``[lo, hi)`` whose input index ``stride*o + offset - pad`` lies in ``[0, size)``.
-
-    Returns ``(lo, hi, first)`` with ``first`` the input index read at ``lo``.
-    """
-    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
-    hi = min(out_size, (size - 1 + pad - offset) // stride + 1)
-    hi = max(hi, lo)
-    return lo, hi, stride * lo + offset - pad
-
-
-def kernel_offsets(kernel, stride, padding, in_size, out_size):
-    """For every kernel offset (i, j), where it reads inside the image.
-
-    Yields ``(i, j, out_rows, out_cols, in_rows, in_cols)``: the output
-    positions (slices of OH and OW) whose window cell (i, j) falls on a real
-    pixel, and the strided slices of the input (of H and W) they read.
-    Positions outside ``out_rows x out_cols`` read padding.  Shared by
-    convolution and pooling.
-    """
-    (kh, kw), (sh, sw), (ph, pw), (h, w), (oh, ow) = kernel, stride, padding, in_size, out_size
-    for i in range(kh):
-        y0, y1, r0 = _inside(i, ph, sh, h, oh)
-        for j in range(kw):
-            x0, x1, c0 = _inside(j, pw, sw, w, ow)
-            yield (i, j, slice(y0, y1), slice(x0, x1),
-                   slice(r0, r0 + sh * (y1 - y0), sh), slice(c0, c0 + sw * (x1 - x0), sw))
+def _is_pointwise(kernel, stride, padding) -> bool:
+    """A 1x1 stride-1 unpadded convolution reads every pixel once: col is x and col2im the identity."""
+    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
 
 
 def _zero_outside(a, rows: slice, cols: slice) -> None:
@@ -112,33 +96,100 @@ def _zero_outside(a, rows: slice, cols: slice) -> None:
     a[:, rows, cols.stop:] = 0
 
 
+_IM2COL = kernels.define(
+    "im2col", f"raw T x, {kernels.GEOMETRY_PARAMS}", "T col",
+    """
+        // Output element i is (c, ki, kj, oy, ox, b) of col (C, KH, KW, OH, OW, N).
+        ptrdiff_t t = i;
+        const int b = t % N; t /= N;
+        const int ox = t % OW; t /= OW;
+        const int oy = t % OH; t /= OH;
+        const int kj = t % KW; t /= KW;
+        const int ki = t % KH;
+        const ptrdiff_t c = t / KH;
+        const int y = oy * SH + ki - PH, z = ox * SW + kj - PW;   // the input pixel it reads
+        col = (y >= 0 && y < H && z >= 0 && z < W) ? x[((c * H + y) * W + z) * N + b] : (T)0;
+    """)
+
+
+def _fill_columns_fused(xc, kernel, stride, padding, out):
+    """The GPU twin of :func:`_fill_columns`: one thread per entry of ``col``."""
+    c, h, w, n = xc.shape
+    oh, ow = out.shape[3:5]
+    _IM2COL(xc, *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), out)
+    return out
+
+
+@kernels.fused(_fill_columns_fused)
+def _fill_columns(xc, kernel, stride, padding, out):
+    """``out`` (C, KH, KW, OH, OW, N) <- the receptive fields of ``xc`` (C, H, W, N), C-contiguous."""
+    c, h, w, n = xc.shape
+    oh, ow = out.shape[3:5]
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        # Every receptive-field entry at kernel offset (i, j), for the whole batch.
+        out[:, i, j, rows, cols] = xc[:, in_rows, in_cols]
+        _zero_outside(out[:, i, j], rows, cols)
+    return out
+
+
 def im2col(x, kernel, stride, padding, out=None):
     """Receptive fields of ``x`` (N, C, H, W) as the columns of ``col`` (K, M).
 
     ``col[(c, i, j), (y, x, n)] = xpad[n, c, SH*y + i, SW*x + j]``.  ``out``
-    may be a buffer of shape (C, KH, KW, OH, OW, N) to fill; a 1x1 stride-1
-    convolution without padding reads every pixel once, and ``col`` is then
-    ``x`` itself (a view when ``x`` is CHWN in memory).
+    may be a buffer of shape (C, KH, KW, OH, OW, N) to fill (the result is
+    then a view of it); a 1x1 stride-1 convolution without padding reads every
+    pixel once, and ``col`` is then ``x`` itself (a view when ``x`` is CHWN in
+    memory).
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     xc = to_chwn(x)  # (C, H, W, N)
-    if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
+    if _is_pointwise(kernel, stride, padding):
         return xc.reshape(c, h * w * n)
+    xp = backend.get_array_module(x)
     if not xc.flags.c_contiguous:
         # An input that is not CHWN in memory (the images entering the first layer are NCHW)
         # is reordered once: KH*KW strided gathers from NCHW would each move runs of one value.
-        xc = backend.get_array_module(x).ascontiguousarray(xc)
+        xc = xp.ascontiguousarray(xc)
     if out is None:
-        out = backend.get_array_module(x).empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
-    if kernels.enabled(x):  # the same copy as one fused GPU kernel
-        return kernels.im2col(xc, kernel, stride, padding, oh, ow, out).reshape(c * kh * kw, oh * ow * n)
+        out = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
+    return _fill_columns(xc, kernel, stride, padding, out).reshape(c * kh * kw, oh * ow * n)
+
+
+_COL2IM = kernels.define(
+    "col2im", f"raw T dcol, {kernels.GEOMETRY_PARAMS}", "T dx",
+    kernels.PIXEL_INDEX + """
+        T acc = 0;
+        """ + kernels.FOR_EACH_READER.format(body="""
+                acc += dcol[((((c * KH + ki) * KW + kj) * OH + oy) * OW + ox) * N + b];""") + """
+        dx = acc;
+    """)
+
+
+def _sum_columns_fused(dcol, x_chwn_shape, kernel, stride, padding):
+    """The GPU twin of :func:`_sum_columns`: a gather, each pixel sums its own contributions (no atomics)."""
+    xp = backend.get_array_module(dcol)
+    c, h, w, n = x_chwn_shape
+    oh, ow = dcol.shape[3:5]
+    dx = xp.empty(x_chwn_shape, dtype=dcol.dtype)
+    _COL2IM(xp.ascontiguousarray(dcol), *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), dx)
+    return dx
+
+
+@kernels.fused(_sum_columns_fused)
+def _sum_columns(dcol, x_chwn_shape, kernel, stride, padding):
+    """dx (C, H, W, N), a new array, from ``dcol`` (C, KH, KW, OH, OW, N)."""
+    xp = backend.get_array_module(dcol)
+    c, h, w, n = x_chwn_shape
+    oh, ow = dcol.shape[3:5]
+    dx = xp.zeros(x_chwn_shape, dtype=dcol.dtype)
     for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
-        # Every receptive-field entry at kernel offset (i, j), for the whole batch.
-        out[:, i, j, rows, cols] = xc[:, in_rows, in_cols]
-        _zero_outside(out[:, i, j], rows, cols)
-    return out.reshape(c * kh * kw, oh * ow * n)
+        # += and not =: when the stride is smaller than the kernel, neighbouring
+        # windows overlap and a pixel receives one gradient from each window
+        # that read it (dL/dx is the sum over every use of x).
+        dx[:, in_rows, in_cols] += dcol[:, i, j, rows, cols]
+    return dx
 
 
 def col2im(dcol, x_shape, kernel, stride, padding):
@@ -146,51 +197,52 @@ def col2im(dcol, x_shape, kernel, stride, padding):
 
     Returns dx with logical shape ``x_shape`` (N, C, H, W), CHWN in memory.
     Entries that were copied from the padding have no pixel and are dropped.
+    For a 1x1 stride-1 unpadded convolution the adjoint is the identity and dx
+    is a view of ``dcol`` itself; otherwise it is a new array.
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
+    if _is_pointwise(kernel, stride, padding):
         return from_channel_matrix(dcol, x_shape)
-    xp = backend.get_array_module(dcol)
-    dcol = dcol.reshape(c, kh, kw, oh, ow, n)
-    if kernels.enabled(dcol):  # a gather: each pixel sums its own contributions, no atomics
-        return from_chwn(kernels.col2im(dcol, (c, h, w, n), kernel, stride, padding, oh, ow))
-    dx = xp.zeros((c, h, w, n), dtype=dcol.dtype)
-    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
-        # += and not =: when the stride is smaller than the kernel, neighbouring
-        # windows overlap and a pixel receives one gradient from each window
-        # that read it (dL/dx is the sum over every use of x).
-        dx[:, in_rows, in_cols] += dcol[:, i, j, rows, cols]
-    return from_chwn(dx)
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    return from_chwn(_sum_columns(dcol.reshape(c, kh, kw, oh, ow, n), (c, h, w, n), kernel, stride, padding))
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None):
+def _grouped(a, groups: int):
+    """A (rows, M) matrix as (G, rows/G, M): block g of rows is group g (a view)."""
+    return a.reshape(groups, a.shape[0] // groups, a.shape[1])
+
+
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, groups=1):
     """Convolution (cross-correlation, as in PyTorch).
 
     Parameters
     ----------
     x : (N, C, H, W)
-    w : (C_out, C, KH, KW)
+    w : (C_out, C/G, KH, KW)
     b : (C_out,) or None
     stride, padding : pairs (SH, SW), (PH, PW)
-    col_buffer : optional (C, KH, KW, OH, OW, N) array for im2col to fill
+    col_buffer : optional (C, KH, KW, OH, OW, N) array for im2col to fill; the
+        cache then refers to it, so its owner must not refill it before the
+        backward of this call has run
 
     Returns
     -------
-    out : (N, C_out, OH, OW), an NCHW view of a (C_out, OH, OW, N) buffer
-    cache : what :func:`conv2d_backward` needs
+    out : (N, C_out, OH, OW), an NCHW view of a new (C_out, OH, OW, N) array
+    cache : :class:`ConvCache`, what :func:`conv2d_backward` needs
     """
     c_out, _, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
     col = im2col(x, (kh, kw), stride, padding, out=col_buffer)  # (K, M)
-    w2d = w.reshape(c_out, -1)  # (C_out, K)
-    out2d = w2d @ col  # (C_out, M)
+    if groups == 1:
+        out2d = w.reshape(c_out, -1) @ col  # W2d (C_out, K) @ col (K, M)
+    else:  # G products (C_out/G, K/G) @ (K/G, M), stacked into (C_out, M)
+        out2d = (w.reshape(groups, c_out // groups, -1) @ _grouped(col, groups)).reshape(c_out, -1)
     if b is not None:
         out2d += b[:, None]
     out = from_channel_matrix(out2d, (n, c_out, oh, ow))
-    return out, (col, x.shape, w, stride, padding, b is not None)
+    return out, ConvCache(col, x.shape, w, tuple(stride), tuple(padding), b is not None, groups)
 
 
 def conv2d_backward(dout, cache, need_dx: bool = True):
@@ -199,60 +251,79 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     Parameters
     ----------
     dout : (N, C_out, OH, OW), dL/d(out); not modified
-    cache : from :func:`conv2d_forward`
+    cache : :class:`ConvCache` from :func:`conv2d_forward`
     need_dx : skip dL/dx (returns None) when the input needs no gradient
 
     Returns
     -------
-    dx : (N, C, H, W) or None
+    dx : (N, C, H, W), a new array (CHWN in memory), or None
     dw : (C_out, C, KH, KW)
     db : (C_out,) or None
     """
-    col, x_shape, w, stride, padding, has_bias = cache
+    col, x_shape, w, stride, padding, has_bias, groups = cache
     c_out, _, kh, kw = w.shape
     dout2d = channel_matrix(dout)  # (C_out, M)
-    dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
     db = dout2d.sum(axis=1) if has_bias else None
+    if groups == 1:
+        dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
+        w_t, dout_g = w.reshape(c_out, -1).T, dout2d  # W2d.T (K, C_out)
+    else:  # per group: dW[g] = dout[g] @ col[g].T, dcol[g] = W[g].T @ dout[g]
+        dout_g = _grouped(dout2d, groups)
+        dw = (dout_g @ _grouped(col, groups).transpose(0, 2, 1)).reshape(w.shape)
+        w_t = w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1)  # (G, K/G, C_out/G)
     dx = None
     if need_dx:
-        xp = backend.get_array_module(dout2d)
-        # dcol only lives until col2im has summed it into dx: a reused scratch buffer.
-        dcol = backend.scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
-        xp.matmul(w.reshape(c_out, -1).T, dout2d, out=dcol)  # dcol = W2d.T @ dout2d, (K, M)
-        dx = col2im(dcol, x_shape, (kh, kw), stride, padding)
+        if _is_pointwise((kh, kw), stride, padding):
+            dcol = w_t @ dout_g  # col2im is the identity: dcol *is* dx, so it must be a new array
+        else:
+            # dcol only lives until col2im has summed it into a new dx: this thread's scratch buffer
+            # (see backend.scratch), refilled by the next convolution's backward.
+            xp = backend.get_array_module(dout2d)
+            dcol = backend.scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
+            xp.matmul(w_t, dout_g, out=dcol if groups == 1 else _grouped(dcol, groups))  # dcol = W2d.T @ dout2d
+        dx = col2im(dcol.reshape(col.shape), x_shape, (kh, kw), stride, padding)
     return dx, dw, db
 
 
 class Conv2d(Module):
-    """2-D convolution layer, ``Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True)``.
+    """``Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, groups=1)``.
 
     Input (N, C, H, W) -> output (N, C_out, OH, OW).  Parameters ``weight``
-    (C_out, C, KH, KW) and ``bias`` (C_out,), initialised as in PyTorch
-    (see :mod:`tinynet.nn.init`).
+    (C_out, C/groups, KH, KW) and ``bias`` (C_out,), initialised as in PyTorch
+    (see :mod:`tinynet.nn.init`).  ``groups`` splits the channels into
+    independent blocks (grouped convolution; ``groups=C``: depthwise).
     """
 
+    #: ``_free_cols``: im2col buffers this layer owns, free to refill (see :meth:`_take_col_buffer`).
+    _transient = Module._transient + ("_free_cols",)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 rng=None, dtype="float32"):
+                 rng=None, dtype="float32", groups=1):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride = pair(stride, "stride")
-        self.padding = pair(padding, "padding")
-        if self.in_channels <= 0 or self.out_channels <= 0:
-            raise ValueError(f"Conv2d: channel counts must be positive, got {in_channels} -> {out_channels}")
+        self.in_channels = positive_int(in_channels, "in_channels", "Conv2d")
+        self.out_channels = positive_int(out_channels, "out_channels", "Conv2d")
+        self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d")
+        self.stride = pair(stride, "stride", "Conv2d")
+        self.padding = pair(padding, "padding", "Conv2d")
+        self.groups = positive_int(groups, "groups", "Conv2d")
+        object.__setattr__(self, "_free_cols", [])
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide both in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
         if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.padding) < 0:
             raise ValueError(
                 f"Conv2d: kernel_size and stride must be positive and padding non-negative, got "
                 f"kernel_size={kernel_size}, stride={stride}, padding={padding}"
             )
-        shape = (self.out_channels, self.in_channels) + self.kernel_size
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        fan_in = shape[1] * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(uniform_fan_in(shape, fan_in, rng, dtype))
         self.bias = Parameter(uniform_fan_in((self.out_channels,), fan_in, rng, dtype)) if bias else None
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, padding={self.padding}")
+        s += "" if self.groups == 1 else f", groups={self.groups}"
         return s + ("" if self.bias is not None else ", bias=False")
 
     def forward(self, x):
@@ -264,38 +335,52 @@ class Conv2d(Module):
                 f"is smaller than the kernel {self.kernel_size}"
             )
         b = self.bias.data if self.bias is not None else None
-        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, self._col_buffer(x))
-        self._save_for_backward(cache, out.shape)
+        buffer = self._take_col_buffer(x)
+        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, buffer, self.groups)
+        self._save_for_backward(cache, out.shape, buffer)
         return out
 
-    def _col_buffer(self, x):
-        """Where im2col writes.
+    def _take_col_buffer(self, x):
+        """Where im2col writes this call's columns (None: col is x itself).
 
-        With gradients enabled, ``col`` is kept until backward, so each layer
-        owns its buffer and refills it every step (allocated once, not per
-        call: a fresh 38 MB array costs page faults worth more than the copy).
-        Without gradients, ``col`` dies with the matrix product and one shared
-        scratch buffer serves every layer.
+        With gradients enabled, ``col`` is kept until this call's backward, so
+        the layer owns its buffers: the forward takes a free one (or allocates
+        it) and the backward hands it back, to be refilled by the next step
+        (allocated once, not per call: a fresh 38 MB array costs page faults
+        worth more than the copy).  A layer called twice before a backward owns
+        two.  Without gradients, ``col`` dies with the matrix product, and this
+        thread's scratch buffer (:func:`tinynet.backend.scratch`) serves every
+        layer.
         """
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
-            return None  # col is x itself
+        if _is_pointwise(self.kernel_size, self.stride, self.padding):
+            return None
         n, c, h, w = x.shape
         shape = (c, kh, kw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw), n)
         if not is_grad_enabled():
             return backend.scratch("conv2d_forward.col", shape, x.dtype, like=x)
-        buf = self.__dict__.get("_col")
-        if (buf is None or buf.shape != shape or buf.dtype != x.dtype
-                or backend.is_cupy_array(buf) != backend.is_cupy_array(x)):
-            buf = backend.get_array_module(x).empty(shape, dtype=x.dtype)
-            object.__setattr__(self, "_col", buf)
-        return buf
+        free = self._free_cols
+        while free:
+            buf = free.pop()
+            if (buf.shape == shape and buf.dtype == x.dtype
+                    and backend.is_cupy_array(buf) == backend.is_cupy_array(x)):
+                return buf
+            # another shape, dtype or device: dropped, the new one replaces it
+        return backend.get_array_module(x).empty(shape, dtype=x.dtype)
 
     def backward(self, dout):
-        cache, out_shape = self._saved_for_backward()
+        cache, out_shape, buffer = self._saved_for_backward()
         check_grad(self, dout, out_shape, self.weight.dtype)
         dx, dw, db = conv2d_backward(dout, cache, need_dx=self.input_grad)
+        if buffer is not None:
+            self._free_cols.append(buffer)  # this call's columns are consumed: free to refill
         self.weight.accumulate_grad(dw)
         if db is not None:
             self.bias.accumulate_grad(db)
         return dx
+
+    def _drop_saved(self) -> None:
+        for _, _, buffer in self._saved:
+            if buffer is not None:
+                self._free_cols.append(buffer)  # nobody will read these columns again
+        self._saved.clear()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .. import backend
 from ..random import spawn
 from .module import Module
-from .validation import check_float
+from .validation import check_float, check_grad
 
 __all__ = ["Dropout"]
 
@@ -34,11 +34,11 @@ class Dropout(Module):
     def forward(self, x):
         check_float(self, x)
         if not self.training or self.p == 0.0:
-            self._save_for_backward(None)
+            self._save_for_backward(None, x.shape, x.dtype)
             return x
         mask = (self._uniform(x) >= self.p).astype(x.dtype)
         mask *= 1.0 / (1.0 - self.p)
-        self._save_for_backward(mask)
+        self._save_for_backward(mask, x.shape, x.dtype)
         return x * mask
 
     def _uniform(self, x):
@@ -51,5 +51,6 @@ class Dropout(Module):
         return self._device_rng.random(x.shape)
 
     def backward(self, dout):
-        (mask,) = self._saved_for_backward()
+        mask, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
         return dout if mask is None else dout * mask

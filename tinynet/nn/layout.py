@@ -27,10 +27,18 @@ So Conv2d, BatchNorm and the pools return an NCHW *view* of a CHWN buffer.
 it is CHWN in memory, a copy otherwise); :func:`from_channel_matrix` turns such
 a matrix back into the logical NCHW view.  The same holds for any rank:
 ``(N, C, *S)`` is stored ``(C, *S, N)``.
+
+Element-wise results keep the layout only if asked: NumPy's ufuncs follow
+their inputs' strides, but CuPy's return C-contiguous (NCHW) arrays, which
+the next layer would then copy back.  Layers therefore write element-wise
+results into ``empty_like(input)`` (which keeps strides on both), as
+:func:`add` does for the residual sums.
 """
 from __future__ import annotations
 
-__all__ = ["to_chwn", "from_chwn", "channel_matrix", "from_channel_matrix"]
+from .. import backend
+
+__all__ = ["to_chwn", "from_chwn", "channel_matrix", "from_channel_matrix", "add"]
 
 
 def to_chwn(x):
@@ -56,3 +64,9 @@ def channel_matrix(x):
 def from_channel_matrix(m, shape):
     """Inverse of :func:`channel_matrix`: a ``(C, H*W*N)`` matrix as the NCHW view of logical shape ``shape``."""
     return from_chwn(m.reshape(tuple(shape[1:]) + (shape[0],)))
+
+
+def add(a, b):
+    """``a + b`` in a new array laid out like ``a`` (CHWN stays CHWN on CuPy too)."""
+    xp = backend.get_array_module(a)
+    return xp.add(a, b, out=xp.empty_like(a))

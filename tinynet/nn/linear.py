@@ -15,19 +15,30 @@ are flattened into N for the products.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from .geometry import positive_int
 from .init import uniform_fan_in
 from .module import Module, Parameter
 from .validation import check_grad, check_input
 
-__all__ = ["linear_forward", "linear_backward", "Linear"]
+__all__ = ["LinearCache", "linear_forward", "linear_backward", "Linear"]
+
+
+class LinearCache(NamedTuple):
+    """What :func:`linear_backward` needs from :func:`linear_forward`."""
+
+    x: object        #: (N, F_in) input
+    weight: object   #: (F_out, F_in)
+    has_bias: bool
 
 
 def linear_forward(x, w, b):
-    """``y = x @ W.T + b`` for ``x`` (N, F_in); returns ``(y, cache)``."""
+    """``y = x @ W.T + b`` for ``x`` (N, F_in); returns ``(y, cache)``, a :class:`LinearCache`."""
     y = x @ w.T
     if b is not None:
         y += b
-    return y, (x, w, b is not None)
+    return y, LinearCache(x, w, b is not None)
 
 
 def linear_backward(dy, cache, need_dx: bool = True):
@@ -44,9 +55,8 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype="float32"):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        if self.in_features <= 0 or self.out_features <= 0:
-            raise ValueError(f"Linear: feature counts must be positive, got {in_features} -> {out_features}")
+        self.in_features = positive_int(in_features, "in_features", "Linear")
+        self.out_features = positive_int(out_features, "out_features", "Linear")
         self.weight = Parameter(uniform_fan_in((self.out_features, self.in_features), self.in_features, rng, dtype))
         self.bias = Parameter(uniform_fan_in((self.out_features,), self.in_features, rng, dtype)) if bias else None
 
@@ -64,7 +74,7 @@ class Linear(Module):
 
     def backward(self, dout):
         cache, lead = self._saved_for_backward()
-        check_grad(self, dout, lead + (self.out_features,), cache[1].dtype)
+        check_grad(self, dout, lead + (self.out_features,), cache.weight.dtype)
         dx, dw, db = linear_backward(dout.reshape(-1, self.out_features), cache, need_dx=self.input_grad)
         self.weight.accumulate_grad(dw)
         if db is not None:

@@ -3,6 +3,16 @@
 All losses average over the batch by default (``reduction="mean"``) and return
 a 0-d array on the prediction's device (call ``float(loss)`` to read it; on a
 GPU that waits for the device, so do it once per log interval, not per batch).
+An empty batch is an error (a mean over nothing has no value), not a
+ZeroDivisionError or a silent NaN.
+
+Class targets are range-checked on both devices.  On the GPU the check is one
+reduction on the device and one read-back of its result (a synchronisation
+per step): CuPy's indexing *wraps* an out-of-range index where NumPy raises,
+so an unchecked bad label would silently train another class.  The read-back
+comes at the end of the forward, when the host must wait for the GPU's
+forward anyway before queueing much of the backward; it costs about one
+kernel launch (microseconds), not the step's overlap.
 
 Cross-entropy from logits ``z`` (N, K) and integer targets ``t`` (N,)::
 
@@ -73,19 +83,25 @@ class _Loss(Module):
         if target.shape != (n,):
             raise ValueError(f"{self._describe()}: expected targets of shape ({n},) for predictions "
                              f"{tuple(pred.shape)}, received {tuple(target.shape)}")
-        if not backend.is_cupy_array(target) and n:
-            # Checked on the host; a target already on the GPU is not checked (that would
-            # synchronise the device every batch).
+        self._check_not_empty(n)
+        # One reduction (on the device for device targets) and one read-back; the extremes are only
+        # computed for the error message, once something is wrong.
+        xp = backend.get_array_module(target)
+        if bool(xp.logical_or(target < 0, target >= k).any()):
             lo, hi = int(target.min()), int(target.max())
-            if lo < 0 or hi >= k:
-                raise ValueError(f"{self._describe()}: targets must be in [0, {k - 1}] for {k} classes, "
-                                 f"got values in [{lo}, {hi}]")
+            raise ValueError(f"{self._describe()}: targets must be in [0, {k - 1}] for {k} classes, "
+                             f"got values in [{lo}, {hi}]")
         if backend.is_cupy_array(pred) != backend.is_cupy_array(target):
             target = backend.to_device(target, backend.device_of(pred))
         return target
 
+    def _check_not_empty(self, count) -> None:
+        if count == 0:
+            raise ValueError(f"{self._describe()}: empty batch (no predictions); a loss needs at least one")
+
     def _same_shape_targets(self, pred, target):
         self._check_pred(pred)
+        self._check_not_empty(pred.size)
         xp = backend.get_array_module(pred)
         if backend.is_cupy_array(pred) != backend.is_cupy_array(target):
             target = backend.to_device(target, backend.device_of(pred))

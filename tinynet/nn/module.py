@@ -8,8 +8,19 @@ There is no autograd.  A layer is an object with two methods:
   parameter's ``.grad`` and returns ``dL/dx``.
 
 A network runs its layers' forwards in order and their backwards in reverse
-order (the chain rule, written out by hand).  ``backward`` consumes the cache,
-so memory held for the backward pass is released as the pass proceeds.
+order (the chain rule, written out by hand).
+
+Caches are per call.  Every forward run with gradients enabled pushes its
+cache onto the layer's stack; every backward pops the newest one.  A layer
+called twice in one forward (weight sharing: ``lin(x1) + lin(x2)``) keeps two
+caches, and the two backwards undo the calls in reverse order, as autograd
+would; their parameter gradients add up.  ``backward`` drops the cache it
+consumed, so memory held for the backward pass is released as the pass
+proceeds; under :func:`no_grad` nothing is stored.  A backward called more
+often than forward is an error that names the layer, and so is a layer
+holding :attr:`Module.max_pending_calls` caches that no backward took
+(inference without ``no_grad``); :meth:`Module.release_saved` drops them, for a
+forward whose loss turned out not to be worth a backward.
 
 ``backward`` never writes into its ``dy`` argument: a gradient that fans out
 (the two branches of a residual block) is read by several layers.
@@ -21,6 +32,7 @@ State-dict keys follow PyTorch's names (``weight``, ``bias``,
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Iterator, NamedTuple
 
@@ -38,6 +50,8 @@ __all__ = [
     "is_grad_enabled",
     "LoadResult",
     "StateDictError",
+    "keep_output",
+    "check_overwritable",
 ]
 
 # ---------------------------------------------------------------------------
@@ -71,6 +85,45 @@ def no_grad() -> _GradMode:
 
 def enable_grad() -> _GradMode:
     return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# Outputs kept for a backward: an in-place op must not overwrite them
+# ---------------------------------------------------------------------------
+_kept_outputs: dict = {}  # id(array) -> (weak reference to it, the layer that keeps it)
+
+
+def keep_output(layer, y) -> None:
+    """Record that ``layer``'s backward will read its output ``y`` (Softmax keeps ``y``).
+
+    An in-place layer handed ``y`` then refuses to overwrite it
+    (:func:`check_overwritable`) instead of silently corrupting the backward.
+    The record goes when ``y`` is freed or the layer's backward has run
+    (:func:`release_output`).
+    """
+    if not is_grad_enabled():
+        return  # no backward will come
+    key = id(y)
+    try:
+        ref = weakref.ref(y, lambda _, key=key: _kept_outputs.pop(key, None))
+    except TypeError:  # an array type without weak references: not checked (never kept alive by us)
+        return
+    _kept_outputs[key] = (ref, layer._describe())
+
+
+def release_output(y) -> None:
+    """``y`` is no longer needed by a backward: it may be overwritten."""
+    _kept_outputs.pop(id(y), None)
+
+
+def check_overwritable(layer, x) -> None:
+    """Raise if ``x`` is an output that another layer keeps for its backward."""
+    entry = _kept_outputs.get(id(x))
+    if entry is not None and entry[0]() is x:
+        raise RuntimeError(
+            f"{layer._describe()}: would write in place over the output of {entry[1]}, which keeps that output "
+            f"for its backward; use inplace=False here"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -143,12 +196,22 @@ class Module:
     #: see :meth:`set_input_grad`.
     input_grad = True
 
+    #: How many forwards may wait for their backward before the next one is refused
+    #: (each holds its cache: for ResNet18 at batch 64, ~1 GB a forward).
+    max_pending_calls = 64
+
+    #: Attributes that live only between a forward and its backward, or are workspaces the
+    #: layer refills: never copied by ``copy.deepcopy`` and never part of a state dict.
+    _transient = ("_saved",)
+
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_path", "")
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_saved", [])
 
     # -- registration -------------------------------------------------------
     def __setattr__(self, name, value):
@@ -174,9 +237,17 @@ class Module:
             modules.pop(name, None)
         object.__setattr__(self, name, value)
 
-    def register_buffer(self, name: str, value) -> None:
-        """Register non-trainable state that belongs in the state dict."""
+    def register_buffer(self, name: str, value, persistent: bool = True) -> None:
+        """Register non-trainable state; :meth:`to` moves and casts it like a parameter.
+
+        ``persistent=False`` keeps it out of the state dict (BatchNorm's constant
+        gamma and beta without ``affine``), as PyTorch's argument of that name.
+        """
         self._buffers[name] = value
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
+            self._non_persistent.add(name)
         object.__setattr__(self, name, value)
 
     def _set_path(self, path: str) -> None:
@@ -200,19 +271,59 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def _save_for_backward(self, *values) -> None:
-        """Keep what backward needs, unless gradients are disabled."""
-        object.__setattr__(self, "_cache", values if is_grad_enabled() else None)
+        """Push this call's cache (what its backward needs); nothing under :func:`no_grad`."""
+        if not is_grad_enabled():
+            return
+        saved = self._saved
+        if len(saved) >= self.max_pending_calls:
+            raise RuntimeError(
+                f"{self._describe()}: {len(saved)} forward calls are waiting without a backward, each "
+                f"holding its cache; run inference under tinynet.no_grad(), or call model.release_saved() "
+                f"after a forward you will not backpropagate"
+            )
+        saved.append(values)
 
     def _saved_for_backward(self):
-        """Hand the cache to backward exactly once, with a clear error if there is none."""
-        cache = self.__dict__.get("_cache")
-        if cache is None:
+        """Pop the newest call's cache for backward, with a clear error if there is none."""
+        if not self._saved:
             raise RuntimeError(
-                f"{self._describe()}: backward() called before forward(), or twice for one "
-                f"forward, or after a forward run under tinynet.no_grad()"
+                f"{self._describe()}: backward() called before forward(), or more often than forward "
+                f"(twice for one forward), or after a forward run under tinynet.no_grad()"
             )
-        object.__setattr__(self, "_cache", None)
-        return cache
+        return self._saved.pop()
+
+    @property
+    def pending_calls(self) -> int:
+        """How many forwards of this module (not its children) still wait for their backward."""
+        return len(self._saved)
+
+    def release_saved(self) -> "Module":
+        """Drop every cache this module and its children keep for a backward that will not come.
+
+        For instance after a forward whose loss is not finite, when the step is skipped.
+        """
+        for m in self.modules():
+            m._drop_saved()
+        return self
+
+    def _drop_saved(self) -> None:
+        """Forget this module's pending caches (a layer owning workspaces takes them back here)."""
+        self._saved.clear()
+
+    def __deepcopy__(self, memo):
+        """A deep copy without the transient state (pending caches, workspaces): a new module starts empty."""
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        transient = set(type(self)._transient)
+        for key, value in self.__dict__.items():
+            if key in transient:
+                value = [] if isinstance(value, list) else None
+            else:
+                value = copy.deepcopy(value, memo)
+            object.__setattr__(new, key, value)
+        return new
 
     def set_input_grad(self, flag: bool) -> "Module":
         """Say whether backward must return dL/d(input).
@@ -331,7 +442,8 @@ class Module:
             for name, p in m._parameters.items():
                 out[dot + name] = p.data
             for name, b in m._buffers.items():
-                out[dot + name] = b
+                if name not in m._non_persistent:
+                    out[dot + name] = b
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True) -> LoadResult:
@@ -351,7 +463,8 @@ class Module:
             for name in m._parameters:
                 targets[dot + name] = (m, name, "param")
             for name in m._buffers:
-                targets[dot + name] = (m, name, "buffer")
+                if name not in m._non_persistent:
+                    targets[dot + name] = (m, name, "buffer")
 
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict if k not in targets]
@@ -380,12 +493,10 @@ class Module:
 
         converted = []  # every value first, so that one that cannot be converted leaves the module untouched
         for key, m, name, kind, value, current in fits:
-            xp = backend.get_array_module(current)
             try:
-                if backend.is_cupy_array(current):
-                    new = xp.asarray(value, dtype=current.dtype)
-                else:
-                    new = np.array(backend.to_numpy(value), dtype=current.dtype, copy=True)
+                # A copy on every path: ``asarray`` would return the source itself when it is already
+                # on the device with the right dtype, and two models would then share their weights.
+                new = backend.copy_to_device_of(value, current, dtype=current.dtype)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"load_state_dict into {type(self).__name__}: {key!r} holds "
                                  f"{getattr(value, 'dtype', type(value).__name__)} values that cannot become "
@@ -423,7 +534,10 @@ class Sequential(Module):
             setattr(self, str(i), layer)
 
     def append(self, layer: Module) -> "Sequential":
-        setattr(self, str(len(self._modules)), layer)
+        index = len(self._modules)
+        while str(index) in self._modules:  # a slice keeps its layers' original keys
+            index += 1
+        setattr(self, str(index), layer)
         return self
 
     def __len__(self):
@@ -433,10 +547,15 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def __getitem__(self, index):
-        layers = list(self._modules.values())
         if isinstance(index, slice):
-            return Sequential(*layers[index])
-        return layers[index]
+            # A view of some of the layers, under their own keys (as PyTorch's slices): the layers still
+            # belong to this Sequential, and keep their paths (error messages name 'layer1.0.conv1').
+            part = Sequential()
+            for key, layer in list(self._modules.items())[index]:
+                part._modules[key] = layer
+                object.__setattr__(part, key, layer)
+            return part
+        return list(self._modules.values())[index]
 
     def forward(self, x):
         for layer in self._modules.values():

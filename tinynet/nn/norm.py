@@ -33,68 +33,138 @@ statistics are constants and ``dx = dy * gamma / sqrt(running_var + eps)``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import backend, kernels
+from .geometry import positive_int
 from .layout import channel_matrix, from_channel_matrix
 from .module import Module, Parameter
 from .validation import check_grad, check_input
 
 __all__ = [
+    "BatchNormTrainCache", "BatchNormEvalCache",
     "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward_train",
     "batch_norm_backward_eval", "BatchNorm1d", "BatchNorm2d",
+    "LayerNormCache", "layer_norm_forward", "layer_norm_backward", "LayerNorm",
 ]
+
+
+class BatchNormTrainCache(NamedTuple):
+    """What :func:`batch_norm_backward_train` needs from :func:`batch_norm_forward_train`."""
+
+    xhat: object     #: (C, M) normalised input
+    gamma: object    #: (C,)
+    inv_std: object  #: (C,) 1 / sqrt(var + eps)
+
+
+class BatchNormEvalCache(NamedTuple):
+    """What :func:`batch_norm_backward_eval` needs from :func:`batch_norm_forward_eval`."""
+
+    x2: object            #: (C, M) input
+    running_mean: object  #: (C,)
+    inv_std: object       #: (C,) 1 / sqrt(running_var + eps)
+    scale: object         #: (C,) gamma * inv_std, in the input's dtype
+
+
+_BATCH_NORM_NORMALIZE = kernels.define(
+    "batch_norm_normalize", "T x, raw T mean, raw T inv_std, raw T gamma, raw T beta, int64 m", "T xhat, T y",
+    """
+        const ptrdiff_t c = i / m;                      // row of the (C, M) channel matrix
+        xhat = (x - mean[c]) * inv_std[c];
+        y = xhat * gamma[c] + beta[c];
+    """)
+
+
+def _normalize_fused(x2, centred, mean, inv_std, gamma, beta):
+    """The GPU twin of :func:`_normalize`: both outputs in one pass (xhat written over ``centred``)."""
+    xp = backend.get_array_module(x2)
+    y2 = xp.empty_like(x2)
+    _BATCH_NORM_NORMALIZE(x2, mean, inv_std, gamma.astype(x2.dtype, copy=False), beta.astype(x2.dtype, copy=False),
+                          x2.shape[1], centred, y2)
+    return centred, y2
+
+
+@kernels.fused(_normalize_fused)
+def _normalize(x2, centred, mean, inv_std, gamma, beta):
+    """``(xhat, y2)`` with ``xhat = centred * inv_std`` (in place) and ``y2 = gamma xhat + beta``.
+
+    ``centred`` is ``x2 - mean``, which the variance needed already.
+    """
+    xhat = centred
+    xhat *= inv_std[:, None]
+    y2 = xhat * gamma[:, None]
+    y2 += beta[:, None]
+    return xhat, y2
 
 
 def batch_norm_forward_train(x2, gamma, beta, eps):
     """Normalise each row of ``x2`` (C, M) with its own mean and variance.
 
-    Returns ``(y2, mean, var, cache)``; ``var`` is the biased batch variance.
+    Returns ``(y2, mean, var, cache)``: ``var`` is the biased batch variance,
+    ``cache`` a :class:`BatchNormTrainCache`.
     """
     xp = backend.get_array_module(x2)
     m = x2.shape[1]
     mean = x2.mean(axis=1)
-    xhat = x2 - mean[:, None]  # centred; becomes xhat in place below
-    var = xp.einsum("cm,cm->c", xhat, xhat) / m
+    centred = x2 - mean[:, None]  # becomes xhat in place
+    var = xp.einsum("cm,cm->c", centred, centred) / m
     inv_std = 1.0 / xp.sqrt(var + eps)
-    if kernels.enabled(x2):  # the three passes below as one
-        xhat, y2 = kernels.batch_norm_normalize(x2, mean, inv_std, gamma, beta)
-        return y2, mean, var, (xhat, gamma, inv_std)
-    xhat *= inv_std[:, None]
-    y2 = xhat * gamma[:, None]
-    y2 += beta[:, None]
-    return y2, mean, var, (xhat, gamma, inv_std)
+    xhat, y2 = _normalize(x2, centred, mean, inv_std, gamma, beta)
+    return y2, mean, var, BatchNormTrainCache(xhat, gamma, inv_std)
+
+
+_BATCH_NORM_BACKWARD_DX = kernels.define(
+    "batch_norm_backward_dx", "T dy, T xhat, raw T k, raw T dbeta_m, raw T dgamma_m, int64 m", "T dx",
+    """
+        const ptrdiff_t c = i / m;
+        dx = k[c] * (dy - dbeta_m[c] - xhat * dgamma_m[c]);
+    """)
+
+
+def _input_grad_fused(dy2, xhat, k, dbeta, dgamma):
+    """The GPU twin of :func:`_input_grad`, in one pass."""
+    xp = backend.get_array_module(dy2)
+    m = dy2.shape[1]
+    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / m, dgamma / m, m, xp.empty_like(dy2))
+
+
+@kernels.fused(_input_grad_fused)
+def _input_grad(dy2, xhat, k, dbeta, dgamma):
+    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``."""
+    m = dy2.shape[1]
+    dx2 = xhat * (-k * dgamma / m)[:, None]
+    dx2 += (-k * dbeta / m)[:, None]
+    dx2 += dy2 * k[:, None]
+    return dx2
 
 
 def batch_norm_backward_train(dy2, cache):
     """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_train`; ``dy2`` (C, M) is not modified."""
     xp = backend.get_array_module(dy2)
     xhat, gamma, inv_std = cache
-    m = dy2.shape[1]
     dbeta = dy2.sum(axis=1)
     dgamma = xp.einsum("cm,cm->c", dy2, xhat)
-    # dx = k * (dy - dbeta/M - xhat * dgamma/M), with k = gamma / sqrt(var + eps)
-    k = gamma * inv_std
-    if kernels.enabled(dy2):
-        return kernels.batch_norm_backward_dx(dy2, xhat, k, dbeta, dgamma), dgamma, dbeta
-    dx2 = xhat * (-k * dgamma / m)[:, None]
-    dx2 += (-k * dbeta / m)[:, None]
-    dx2 += dy2 * k[:, None]
-    return dx2, dgamma, dbeta
+    return _input_grad(dy2, xhat, gamma * inv_std, dbeta, dgamma), dgamma, dbeta
 
 
 def batch_norm_forward_eval(x2, gamma, beta, running_mean, running_var, eps):
-    """``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, as one scale and shift."""
+    """``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, as one scale and shift.
+
+    Returns ``(y2, cache)`` with ``cache`` a :class:`BatchNormEvalCache`.
+    """
     xp = backend.get_array_module(x2)
     inv_std = 1.0 / xp.sqrt(running_var + eps)
     scale = (gamma * inv_std).astype(x2.dtype, copy=False)
     shift = (beta - running_mean * gamma * inv_std).astype(x2.dtype, copy=False)
     y2 = x2 * scale[:, None]
     y2 += shift[:, None]
-    return y2, (x2, running_mean, inv_std, scale)
+    return y2, BatchNormEvalCache(x2, running_mean, inv_std, scale)
 
 
 def batch_norm_backward_eval(dy2, cache):
+    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_eval`; ``dy2`` (C, M) is not modified."""
     x2, running_mean, inv_std, scale = cache
     xp = backend.get_array_module(dy2)
     dbeta = dy2.sum(axis=1)
@@ -111,9 +181,7 @@ class _BatchNorm(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype="float32"):
         super().__init__()
-        self.num_features = int(num_features)
-        if self.num_features <= 0:
-            raise ValueError(f"{type(self).__name__}: num_features must be positive, got {num_features}")
+        self.num_features = positive_int(num_features, "num_features", type(self).__name__)
         if eps <= 0:
             raise ValueError(f"{type(self).__name__}: eps must be positive, got {eps}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -121,12 +189,14 @@ class _BatchNorm(Module):
         self.eps, self.momentum = float(eps), momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         c = self.num_features
-        # Without affine, gamma = 1 and beta = 0 are fixed constants, not parameters.
+        # Without affine, gamma = 1 and beta = 0 are fixed constants, not parameters: buffers, so that
+        # .to() moves and casts them with the layer, but not persistent (PyTorch's state dict has no
+        # weight or bias for affine=False).
         self.weight = Parameter(np.ones(c, dtype=dtype)) if affine else None
         self.bias = Parameter(np.zeros(c, dtype=dtype)) if affine else None
         if not affine:
-            object.__setattr__(self, "_gamma", np.ones(c, dtype=dtype))
-            object.__setattr__(self, "_beta", np.zeros(c, dtype=dtype))
+            self.register_buffer("_gamma", np.ones(c, dtype=dtype), persistent=False)
+            self.register_buffer("_beta", np.zeros(c, dtype=dtype), persistent=False)
         if track_running_stats:
             self.register_buffer("running_mean", np.zeros(c, dtype=dtype))
             self.register_buffer("running_var", np.ones(c, dtype=dtype))
@@ -138,8 +208,8 @@ class _BatchNorm(Module):
     def _affine_params(self, x):
         if self.affine:
             return self.weight.data, self.bias.data
-        xp = backend.get_array_module(x)
-        return xp.asarray(self._gamma, dtype=x.dtype), xp.asarray(self._beta, dtype=x.dtype)
+        self._check_device(x, self._gamma)
+        return self._gamma.astype(x.dtype, copy=False), self._beta.astype(x.dtype, copy=False)
 
     def _update_running_stats(self, mean, var, m):
         self.num_batches_tracked += 1
@@ -201,3 +271,114 @@ class BatchNorm2d(_BatchNorm):
 
     _ranks = (4,)
     _expected = "(N, {c}, H, W)"
+
+
+# ---------------------------------------------------------------------------
+# Layer normalisation
+# ---------------------------------------------------------------------------
+class LayerNormCache(NamedTuple):
+    """What :func:`layer_norm_backward` needs from :func:`layer_norm_forward`."""
+
+    xhat: object     #: (R, D) normalised input
+    inv_std: object  #: (R,) 1 / sqrt(var + eps) of each row
+    gamma: object    #: (D,) or None without affine
+
+
+def layer_norm_forward(x2, gamma, beta, eps):
+    """Normalise each *row* of ``x2`` (R, D) over its D features; ``gamma``, ``beta`` (D,) or None.
+
+    Per row r (one sample, or one position of a sequence)::
+
+        mu_r = (1/D) sum_d x_rd,  var_r = (1/D) sum_d (x_rd - mu_r)^2,
+        xhat = (x - mu) / sqrt(var + eps),   y = gamma * xhat + beta   (gamma, beta per feature)
+
+    Unlike BatchNorm, the statistics are the sample's own: no running
+    statistics, the same computation in training and evaluation.  Returns
+    ``(y2, cache)``.
+    """
+    xp = backend.get_array_module(x2)
+    d = x2.shape[1]
+    xhat = x2 - x2.mean(axis=1, keepdims=True)  # centred; becomes xhat in place
+    var = xp.einsum("rd,rd->r", xhat, xhat) / d
+    inv_std = (1.0 / xp.sqrt(var + eps)).astype(x2.dtype, copy=False)
+    xhat *= inv_std[:, None]
+    if gamma is None:
+        return xhat.copy(), LayerNormCache(xhat, inv_std, None)
+    y2 = xhat * gamma
+    y2 += beta
+    return y2, LayerNormCache(xhat, inv_std, gamma)
+
+
+def layer_norm_backward(dy2, cache):
+    """``(dx2, dgamma, dbeta)`` for :func:`layer_norm_forward` (None, None without affine).
+
+    With ``g = gamma * dy`` (the gradient reaching ``xhat``), per row, the
+    derivation of BatchNorm's dx with the roles of the axes exchanged
+    (docs/derivations.md)::
+
+        dx = inv_std / D * (D g - sum_d g - xhat * sum_d g xhat)
+    """
+    xp = backend.get_array_module(dy2)
+    xhat, inv_std, gamma = cache
+    d = dy2.shape[1]
+    if gamma is None:
+        g, dgamma, dbeta = dy2, None, None
+    else:
+        dbeta = dy2.sum(axis=0)
+        dgamma = xp.einsum("rd,rd->d", dy2, xhat)
+        g = dy2 * gamma
+    sum_g = g.sum(axis=1, keepdims=True)
+    sum_gx = xp.einsum("rd,rd->r", g, xhat)[:, None]
+    dx2 = g * d
+    dx2 -= sum_g
+    dx2 -= xhat * sum_gx
+    dx2 *= (inv_std / d)[:, None]
+    return dx2, dgamma, dbeta
+
+
+class LayerNorm(Module):
+    """``LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True)``, as PyTorch's.
+
+    Normalises over the trailing dimensions ``normalized_shape`` (an int for
+    the last one, or a tuple): input ``(*, *normalized_shape)``, output of the
+    same shape.  Parameters ``weight`` and ``bias`` of shape
+    ``normalized_shape`` (ones and zeros) when ``elementwise_affine``.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine: bool = True, dtype="float32"):
+        super().__init__()
+        shape = (normalized_shape,) if not isinstance(normalized_shape, (tuple, list)) else normalized_shape
+        self.normalized_shape = tuple(positive_int(s, "normalized_shape", "LayerNorm") for s in shape)
+        if not self.normalized_shape:
+            raise ValueError("LayerNorm: normalized_shape must name at least one dimension, got ()")
+        if not eps > 0:
+            raise ValueError(f"LayerNorm: eps must be positive, got {eps}")
+        self.eps, self.elementwise_affine = float(eps), bool(elementwise_affine)
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype=dtype)) if elementwise_affine else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dtype)) if elementwise_affine else None
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+    def forward(self, x):
+        k = len(self.normalized_shape)
+        check_input(self, x, f"(*, {', '.join(map(str, self.normalized_shape))})", tuple(range(k, 9)))
+        if tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
+            raise ValueError(f"{self._describe()}: expected input of shape (*, "
+                             f"{', '.join(map(str, self.normalized_shape))}), received {tuple(x.shape)}")
+        d = int(np.prod(self.normalized_shape))
+        x2 = x.reshape(-1, d)  # (R, D): a view when the trailing dimensions are contiguous
+        gamma = self.weight.data.reshape(d) if self.elementwise_affine else None
+        beta = self.bias.data.reshape(d) if self.elementwise_affine else None
+        y2, cache = layer_norm_forward(x2, gamma, beta, self.eps)
+        self._save_for_backward(cache, x.shape, x.dtype)
+        return y2.reshape(x.shape)
+
+    def backward(self, dout):
+        cache, shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, shape, dtype)
+        dx2, dgamma, dbeta = layer_norm_backward(dout.reshape(-1, cache.xhat.shape[1]), cache)
+        if self.elementwise_affine:
+            self.weight.accumulate_grad(dgamma.reshape(self.normalized_shape))
+            self.bias.accumulate_grad(dbeta.reshape(self.normalized_shape))
+        return dx2.reshape(shape)

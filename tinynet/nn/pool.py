@@ -12,7 +12,10 @@ It is padded with ``-inf``, so a padded cell never wins.  Its gradient is
 routed: the whole of ``dout[n, c, y, x]`` goes to the input cell that held the
 maximum, and nothing to the others.  **Ties**: the first maximum in row-major
 window order (smallest i, then smallest j) takes the gradient, as in PyTorch's
-CPU kernel.  When windows overlap (stride < kernel, e.g. the ResNet stem's
+CPU kernel.  **NaN**, as in PyTorch (CPU and CUDA alike): a NaN is the maximum
+of every window it lies in, so the output is NaN and the gradient goes to it
+(to the last NaN of the window in row-major order, if there are several):
+a divergence stays visible instead of being hidden behind a finite maximum.  When windows overlap (stride < kernel, e.g. the ResNet stem's
 3x3 / stride 2 / padding 1) one input cell can be the maximum of several
 windows, so dx *accumulates* (``+=``) the routed gradients.
 
@@ -30,22 +33,25 @@ Global average pooling over H x W: ``out = mean(x, axis=(2, 3))``,
 Like convolution, the pools read window slices of the channels-first,
 batch-last view (C, H, W, N) of their input and return NCHW views of CHWN
 buffers (see :mod:`tinynet.nn.layout`).  Padding is never materialised:
-:func:`tinynet.nn.conv.kernel_offsets` gives, for every window cell, the
+:func:`tinynet.nn.geometry.kernel_offsets` gives, for every window cell, the
 output positions where that cell falls on a real pixel.  For max pooling the
 other positions read ``-inf`` and can be skipped; for average pooling they
 read 0 and add nothing.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import backend, kernels
-from .conv import conv_output_size, kernel_offsets, pair
+from .geometry import conv_output_size, kernel_offsets, pair
 from .layout import from_chwn, to_chwn
 from .module import Module
 from .validation import check_grad, check_input
 
 __all__ = [
+    "MaxPoolCache", "AvgPoolCache", "AdaptiveAvgPoolCache",
     "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward",
     "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward",
@@ -67,25 +73,68 @@ def _check_window(layer, x, kernel, padding):
 # ---------------------------------------------------------------------------
 # Max pooling
 # ---------------------------------------------------------------------------
-def max_pool2d_forward(x, kernel, stride, padding):
-    """Returns ``(out, cache)``; out (N, C, OH, OW).
+class MaxPoolCache(NamedTuple):
+    """What :func:`max_pool2d_backward` needs from :func:`max_pool2d_forward`."""
 
-    The cache holds ``argmax`` (C, OH, OW, N): the window index k = i*KW + j
-    of each maximum, one byte per output (two beyond 256 window cells).
+    argmax: object   #: (C, OH, OW, N) window index k = i*KW + j of each maximum: uint8 (int16 beyond 256 cells)
+    x_shape: tuple   #: (N, C, H, W)
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+
+
+_MAX_POOL_FORWARD = kernels.define(
+    "max_pool_forward", f"raw T x, {kernels.GEOMETRY_PARAMS}", "T out, S argmax",
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c, h, w = x.shape
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
-    xp = backend.get_array_module(x)
-    xc = to_chwn(x)  # (C, H, W, N)
-    index_dtype = xp.uint8 if kh * kw <= 256 else xp.int16
-    if kernels.enabled(x):
-        out, argmax = kernels.max_pool_forward(xc, kernel, stride, padding, oh, ow, index_dtype)
-        return from_chwn(out), (argmax, x.shape, kernel, stride, padding)
-    out = xp.full((c, oh, ow, n), -xp.inf, dtype=x.dtype)  # the padding's value
+        // Output element i is (c, oy, ox, b) of (C, OH, OW, N).
+        ptrdiff_t t = i;
+        const int b = t % N; t /= N;
+        const int ox = t % OW; t /= OW;
+        const int oy = t % OH;
+        const ptrdiff_t c = t / OH;
+        T best = -CUDART_INF_F;
+        int arg = 0;
+        for (int ki = 0; ki < KH; ++ki) {
+            const int y = oy * SH + ki - PH;
+            if (y < 0 || y >= H) continue;              // padding reads -inf: never the maximum
+            for (int kj = 0; kj < KW; ++kj) {
+                const int z = ox * SW + kj - PW;
+                if (z < 0 || z >= W) continue;
+                const T v = x[((c * H + y) * W + z) * N + b];
+                // Strict: the first maximum wins a tie.  A NaN always wins (so the last NaN), and
+                // once best is NaN no number beats it: PyTorch's rule.
+                if (v > best || isnan(v)) { best = v; arg = ki * KW + kj; }
+            }
+        }
+        out = best;
+        argmax = arg;
+    """)
+
+
+def _max_pool_chwn_fused(xc, kernel, stride, padding, out_size, index_dtype):
+    """The GPU twin of :func:`_max_pool_chwn`: one thread per output, scanning its window."""
+    xp = backend.get_array_module(xc)
+    xc = xp.ascontiguousarray(xc)
+    c, h, w, n = xc.shape
+    oh, ow = out_size
+    out = xp.empty((c, oh, ow, n), dtype=xc.dtype)
+    argmax = xp.empty((c, oh, ow, n), dtype=index_dtype)
+    _MAX_POOL_FORWARD(xc, *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), out, argmax)
+    return out, argmax
+
+
+@kernels.fused(_max_pool_chwn_fused)
+def _max_pool_chwn(xc, kernel, stride, padding, out_size, index_dtype):
+    """``(out, argmax)``, both (C, OH, OW, N), of ``xc`` (C, H, W, N)."""
+    xp = backend.get_array_module(xc)
+    c, h, w, n = xc.shape
+    oh, ow = out_size
+    kw = kernel[1]
+    out = xp.full((c, oh, ow, n), -xp.inf, dtype=xc.dtype)  # the padding's value
     argmax = xp.zeros(out.shape, dtype=index_dtype)
     won = xp.empty(out.shape, dtype=index_dtype)
-    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+    cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
+    for i, j, rows, cols, in_rows, in_cols in cells:
         cand, best, arg, k_if_won = xc[:, in_rows, in_cols], out[:, rows, cols], argmax[:, rows, cols], won[:, rows, cols]
         # k_if_won = k where this cell beats the maximum so far, else 0.  Strictly greater:
         # on a tie the earlier cell keeps the maximum (the documented rule).
@@ -95,31 +144,94 @@ def max_pool2d_forward(x, kernel, stride, padding):
         # this cell won and the old index elsewhere: a masked assignment without a mask (masked
         # stores with a random mask are ten times slower in NumPy).
         xp.maximum(arg, k_if_won, out=arg)
-        xp.maximum(best, cand, out=best)
-    return from_chwn(out), (argmax, x.shape, kernel, stride, padding)
+        xp.maximum(best, cand, out=best)  # maximum propagates NaN: out is NaN where a window holds one
+    # Where the maximum is NaN, the loop's comparisons (all False against NaN) routed nowhere in
+    # particular; the gradient belongs to the window's last NaN (PyTorch's rule).  One test of the
+    # output in the common case; on CuPy (this code runs there only without fused kernels) the
+    # fix-up always runs, to avoid a device-to-host synchronisation.
+    nan_out = xp.isnan(out)
+    if xp is not np or nan_out.any():
+        for i, j, rows, cols, in_rows, in_cols in cells:
+            at_nan = nan_out[:, rows, cols] & xp.isnan(xc[:, in_rows, in_cols])
+            arg = argmax[:, rows, cols]
+            arg[...] = xp.where(at_nan, i * kw + j, arg)
+    return out, argmax
+
+
+def max_pool2d_forward(x, kernel, stride, padding):
+    """Returns ``(out, cache)``: out (N, C, OH, OW) and a :class:`MaxPoolCache`."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    xp = backend.get_array_module(x)
+    index_dtype = xp.uint8 if kh * kw <= 256 else xp.int16
+    out, argmax = _max_pool_chwn(to_chwn(x), tuple(kernel), tuple(stride), tuple(padding), (oh, ow), index_dtype)
+    return from_chwn(out), MaxPoolCache(argmax, x.shape, tuple(kernel), tuple(stride), tuple(padding))
+
+
+_MAX_POOL_BACKWARD = kernels.define(
+    "max_pool_backward", f"raw T dout, raw S argmax, {kernels.GEOMETRY_PARAMS}", "T dx",
+    kernels.PIXEL_INDEX + """
+        T acc = 0;   // the dout of every window whose maximum this pixel was
+        """ + kernels.FOR_EACH_READER.format(body="""
+                const ptrdiff_t o = ((c * OH + oy) * OW + ox) * N + b;
+                if (argmax[o] == ki * KW + kj) acc += dout[o];""") + """
+        dx = acc;
+    """)
+
+
+def _route_chwn_fused(doutc, argmax, x_chwn_shape, kernel, stride, padding):
+    """The GPU twin of :func:`_route_chwn`: a gather, one thread per input pixel."""
+    xp = backend.get_array_module(doutc)
+    c, h, w, n = x_chwn_shape
+    oh, ow = argmax.shape[1:3]
+    dx = xp.empty(x_chwn_shape, dtype=doutc.dtype)
+    _MAX_POOL_BACKWARD(xp.ascontiguousarray(doutc), argmax,
+                       *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), dx)
+    return dx
+
+
+@kernels.fused(_route_chwn_fused)
+def _route_chwn(doutc, argmax, x_chwn_shape, kernel, stride, padding):
+    """dx (C, H, W, N): each ``doutc`` (C, OH, OW, N) value added to its window's maximum."""
+    xp = backend.get_array_module(doutc)
+    c, h, w, n = x_chwn_shape
+    oh, ow = argmax.shape[1:3]
+    dx = xp.zeros(x_chwn_shape, dtype=doutc.dtype)
+    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
+        routed = doutc[:, rows, cols] * (argmax[:, rows, cols] == i * kernel[1] + j)
+        # += : with overlapping windows (stride < kernel) one cell can win several windows.
+        dx[:, in_rows, in_cols] += routed
+    return dx
 
 
 def max_pool2d_backward(dout, cache):
     """Route each ``dout`` value to the input cell that was the maximum of its window."""
     argmax, x_shape, kernel, stride, padding = cache
-    kw = kernel[1]
     n, c, h, w = x_shape
-    oh, ow = argmax.shape[1:3]
-    xp = backend.get_array_module(dout)
-    doutc = to_chwn(dout)
-    if kernels.enabled(dout):
-        return from_chwn(kernels.max_pool_backward(doutc, argmax, (c, h, w, n), kernel, stride, padding))
-    dx = xp.zeros((c, h, w, n), dtype=dout.dtype)
-    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
-        routed = doutc[:, rows, cols] * (argmax[:, rows, cols] == i * kw + j)
-        # += : with overlapping windows (stride < kernel) one cell can win several windows.
-        dx[:, in_rows, in_cols] += routed
-    return from_chwn(dx)
+    return from_chwn(_route_chwn(to_chwn(dout), argmax, (c, h, w, n), kernel, stride, padding))
 
 
 # ---------------------------------------------------------------------------
 # Average pooling
 # ---------------------------------------------------------------------------
+class AvgPoolCache(NamedTuple):
+    """What :func:`avg_pool2d_backward` needs: only the geometry (average pooling is linear)."""
+
+    x_shape: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    count_include_pad: bool
+
+
+class AdaptiveAvgPoolCache(NamedTuple):
+    """What :func:`adaptive_avg_pool2d_backward` needs."""
+
+    x_shape: tuple
+    output_size: tuple
+
+
 def _avg_scale(kernel, stride, padding, in_size, out_size, count_include_pad, like):
     """``1 / D`` for every output position: a number, or an array (1, OH, OW, 1) without padded cells."""
     kh, kw = kernel
@@ -142,7 +254,7 @@ def avg_pool2d_forward(x, kernel, stride, padding, count_include_pad=True):
     for _, _, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
         out[:, rows, cols] += xc[:, in_rows, in_cols]
     out *= _avg_scale(kernel, stride, padding, (h, w), (oh, ow), count_include_pad, out)
-    return from_chwn(out), (x.shape, kernel, stride, padding, count_include_pad)
+    return from_chwn(out), AvgPoolCache(x.shape, tuple(kernel), tuple(stride), tuple(padding), count_include_pad)
 
 
 def avg_pool2d_backward(dout, cache):
@@ -171,12 +283,12 @@ def adaptive_avg_pool2d_forward(x, output_size):
     oh, ow = output_size
     xp = backend.get_array_module(x)
     if (oh, ow) == (1, 1):  # global average pooling
-        return x.mean(axis=(2, 3), keepdims=True), (x.shape, output_size)
+        return x.mean(axis=(2, 3), keepdims=True), AdaptiveAvgPoolCache(x.shape, tuple(output_size))
     out = xp.empty((n, c, oh, ow), dtype=x.dtype)
     for y, (r0, r1) in enumerate(_adaptive_bins(h, oh)):
         for z, (c0, c1) in enumerate(_adaptive_bins(w, ow)):
             out[:, :, y, z] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
-    return out, (x.shape, output_size)
+    return out, AdaptiveAvgPoolCache(x.shape, tuple(output_size))
 
 
 def adaptive_avg_pool2d_backward(dout, cache):
@@ -206,9 +318,10 @@ class _Pool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else pair(stride, "stride")
-        self.padding = pair(padding, "padding")
+        owner = type(self).__name__
+        self.kernel_size = pair(kernel_size, "kernel_size", owner)
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride", owner)
+        self.padding = pair(padding, "padding", owner)
         if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.padding) < 0:
             raise ValueError(
                 f"{type(self).__name__}: kernel_size and stride must be positive and padding non-negative, "
@@ -261,7 +374,7 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size=1):
         super().__init__()
-        self.output_size = pair(output_size, "output_size")
+        self.output_size = pair(output_size, "output_size", "AdaptiveAvgPool2d")
         if min(self.output_size) <= 0:
             raise ValueError(f"AdaptiveAvgPool2d: output_size must be positive, got {output_size}")
 

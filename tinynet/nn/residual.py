@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from .activation import ReLU
 from .conv import Conv2d
-from .init import kaiming_normal_fan_out
+from .init import kaiming_init_  # noqa: F401  (its home was this module; still importable from here)
+from .layout import add
 from .module import Module
 from .norm import BatchNorm2d
 
@@ -58,19 +59,4 @@ class BasicBlock(Module):
     def backward(self, dout):
         g = self.relu2.backward(dout)  # gradient of the sum, shared by both branches
         dx = self.conv1.backward(self.bn1.backward(self.relu1.backward(self.conv2.backward(self.bn2.backward(g)))))
-        if self.downsample is None:
-            dx = dx + g
-        else:
-            dx = dx + self.downsample.backward(g)
-        return dx
-
-
-def kaiming_init_(module: Module, rng=None) -> Module:
-    """torchvision's ResNet initialisation: He-normal (fan-out) convs, BatchNorm gamma 1 and beta 0."""
-    for m in module.modules():
-        if isinstance(m, Conv2d):
-            m.weight.data = kaiming_normal_fan_out(m.weight.shape, rng, m.weight.dtype)
-        elif isinstance(m, BatchNorm2d) and m.affine:
-            m.weight.data[...] = 1
-            m.bias.data[...] = 0
-    return module
+        return add(dx, g if self.downsample is None else self.downsample.backward(g))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .module import Module
+from .validation import check_grad
 
 __all__ = ["Flatten"]
 
@@ -28,9 +29,11 @@ class Flatten(Module):
         size = 1
         for s in x.shape[start:end + 1]:
             size *= s
-        self._save_for_backward(x.shape)
-        return x.reshape(x.shape[:start] + (size,) + x.shape[end + 1:])
+        out_shape = x.shape[:start] + (size,) + x.shape[end + 1:]
+        self._save_for_backward(x.shape, out_shape, x.dtype)
+        return x.reshape(out_shape)
 
     def backward(self, dout):
-        (shape,) = self._saved_for_backward()
+        shape, out_shape, dtype = self._saved_for_backward()
+        check_grad(self, dout, out_shape, dtype)
         return dout.reshape(shape)

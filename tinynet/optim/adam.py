@@ -25,6 +25,43 @@ from .optimizer import Optimizer, _check_number
 __all__ = ["Adam", "AdamW"]
 
 
+_ADAM_UPDATE = kernels.define(
+    "adam_update", "T g, T b1, T b2, T step_size, T sqrt_bc2, T eps", "T p, T m, T v",
+    """
+        m = b1 * m + (1 - b1) * g;
+        v = b2 * v + (1 - b2) * g * g;
+        p -= step_size * m / (sqrt(v) / sqrt_bc2 + eps);
+    """)
+
+
+def _adam_step_fused(p, g, m, v, b1, b2, step_size, sqrt_bc2, eps) -> None:
+    """The GPU twin of :func:`_adam_step`: one pass over the parameter."""
+    dt = p.dtype.type
+    _ADAM_UPDATE(g, dt(b1), dt(b2), dt(step_size), dt(sqrt_bc2), dt(eps), p, m, v)
+
+
+@kernels.fused(_adam_step_fused)
+def _adam_step(p, g, m, v, b1, b2, step_size, sqrt_bc2, eps) -> None:
+    """Update ``m``, ``v`` and the parameter array ``p`` in place (the formulas at the top)."""
+    xp = backend.get_array_module(p)
+    # One scratch array carries every intermediate: no allocation per parameter and step.  It is
+    # this thread's (backend.scratch) and dies with this call.
+    tmp = backend.scratch("adam.tmp", p.shape, p.dtype, like=p)
+    m *= b1
+    xp.multiply(g, 1.0 - b1, out=tmp)
+    m += tmp  # m = b1 m + (1 - b1) g
+    v *= b2
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - b2
+    v += tmp  # v = b2 v + (1 - b2) g^2
+    xp.sqrt(v, out=tmp)
+    tmp /= sqrt_bc2
+    tmp += eps  # denominator sqrt(v_hat) + eps
+    xp.divide(m, tmp, out=tmp)
+    tmp *= step_size
+    p -= tmp
+
+
 class Adam(Optimizer):
     _decoupled = False
 
@@ -53,27 +90,9 @@ class Adam(Optimizer):
             p.data *= 1.0 - lr * wd
         elif wd:
             g = g + wd * p.data
-        m, v = state["exp_avg"], state["exp_avg_sq"]
         step_size = lr / (1.0 - b1 ** t)
         sqrt_bc2 = math.sqrt(1.0 - b2 ** t)
-        if kernels.enabled(p.data):  # the whole update below as one GPU kernel
-            kernels.adam_update(p.data, g, m, v, b1, b2, step_size, sqrt_bc2, eps)
-            return
-        # One scratch array carries every intermediate: no allocation per parameter and step.
-        tmp = backend.scratch("adam.tmp", p.shape, p.dtype, like=p.data)
-        m *= b1
-        xp.multiply(g, 1.0 - b1, out=tmp)
-        m += tmp  # m = b1 m + (1 - b1) g
-        v *= b2
-        xp.multiply(g, g, out=tmp)
-        tmp *= 1.0 - b2
-        v += tmp  # v = b2 v + (1 - b2) g^2
-        xp.sqrt(v, out=tmp)
-        tmp /= sqrt_bc2
-        tmp += eps  # denominator sqrt(v_hat) + eps
-        xp.divide(m, tmp, out=tmp)
-        tmp *= step_size
-        p.data -= tmp
+        _adam_step(p.data, g, state["exp_avg"], state["exp_avg_sq"], b1, b2, step_size, sqrt_bc2, eps)
 
 
 class AdamW(Adam):

@@ -5,6 +5,13 @@ As in PyTorch, an optimizer takes an iterable of :class:`~tinynet.nn.Parameter`
 settings).  ``step()`` updates every parameter whose ``.grad`` is set;
 ``zero_grad()`` clears the gradients.  Learning-rate schedules change
 ``group["lr"]``.
+
+State follows its parameter.  Moment buffers are made on the parameter's
+device, in its dtype, at its first step; when the parameter moved since
+(``model.to("cuda")`` or ``model.double()`` after some steps, or after
+``load_state_dict`` of a checkpoint), the next ``step()`` moves its state
+along (one copy, then never again).  State of another *shape* than its
+parameter cannot be meant for it: that is an error naming the parameter.
 """
 from __future__ import annotations
 
@@ -83,13 +90,29 @@ class Optimizer:
         for i, group in enumerate(self.param_groups):
             # A schedule, or code that sets group["lr"], can make it what the constructor refuses.
             _check_number(f"{type(self).__name__}.step, group {i}", "lr", group["lr"])
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if backend.is_cupy_array(p.grad) != backend.is_cupy_array(p.data):
-                    raise RuntimeError(f"{type(self).__name__}: a parameter's gradient is on "
-                                       f"{backend.device_of(p.grad)} but the parameter on {backend.device_of(p.data)}")
-                self._update(p, group, self.state.setdefault(id(p), {}))
+                    raise RuntimeError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} "
+                                       f"(shape {tuple(p.shape)}) is on {backend.device_of(p.grad)} but the "
+                                       f"parameter on {backend.device_of(p.data)}")
+                state = self.state.setdefault(id(p), {})
+                if state:
+                    self._follow_parameter(state, p, f"group {i}, parameter {j}")
+                self._update(p, group, state)
+
+    def _follow_parameter(self, state: dict, p, where: str) -> None:
+        """Move ``state``'s arrays to ``p``'s device and dtype if ``p`` moved since they were made."""
+        for key, value in state.items():
+            if getattr(value, "ndim", 0) == 0:
+                continue  # the step count, or another plain number
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{type(self).__name__}: {where} has shape {tuple(p.shape)} but its state "
+                                 f"{key!r} has shape {tuple(value.shape)}: the state was made for another "
+                                 f"parameter (was the model rebuilt after the optimizer?)")
+            if value.dtype != p.dtype or backend.is_cupy_array(value) != backend.is_cupy_array(p.data):
+                state[key] = backend.copy_to_device_of(value, p.data, dtype=p.dtype)
 
     def _update(self, p, group, state) -> None:
         raise NotImplementedError

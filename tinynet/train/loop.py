@@ -208,6 +208,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
                     if on_nan == "stop":
                         raise NonFiniteLossError(epoch, batch, value, checkpoint)
                     state["skipped"] += 1  # no backward, no step: the parameters stay as they were
+                    model.release_saved()  # and the caches this forward kept are dropped
                     state["batch"] = batch + 1
                     bar.update(1)
                     continue
