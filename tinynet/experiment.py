@@ -37,7 +37,10 @@ from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, 
 from .io import WeightsFileError, load_weights
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
+from .predict import BestWeights, model_metadata, ship_weights
 from .random import manual_seed
+from .report import mistakes_gallery, write_report
+from .tracking import TrackingUnavailable, Trackers
 from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
 
 __all__ = ["build_parser", "main", "run", "UsageError", "CommandLineParser", "check_device", "check_output_folder",
@@ -83,6 +86,10 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     parser.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                         help="a non-finite loss stops the run (default) or its batch is skipped and counted")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    parser.add_argument("--wandb", metavar="PROJECT", help="log the run to Weights & Biases project PROJECT "
+                        "(offline, under --out, unless you are logged in; needs pip install \"tinynet[track]\")")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="write TensorBoard scalar event files to OUT/tensorboard (needs tensorboardX)")
     if model == "resnet":
         parser.add_argument("--pretrained", metavar="PATH",
                             help="start from these weights (torchvision's resnet18-f37072fd.pth, or an .npz/"
@@ -228,6 +235,15 @@ def run(model: str, args, log=print) -> dict:
     net.set_input_grad(False)  # the images need no gradient
     optimizer = optim.Adam(net.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
+    # Shipped weights (best.safetensors while training, last.safetensors after) and run tracking.
+    meta = model_metadata(model, net, classes, args.image_size)
+    try:
+        trackers = Trackers.from_args(args, {k: v for k, v in vars(args).items()}, out)
+    except TrackingUnavailable as error:
+        raise UsageError(str(error)) from None
+    if trackers:
+        log(f"tracking: {trackers.describe()}")
+    callbacks = [BestWeights(out / "best.safetensors", meta), trackers.on_epoch_end]
 
     plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
                                   classes, out / "class_distribution.png")
@@ -241,7 +257,7 @@ def run(model: str, args, log=print) -> dict:
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
                   progress=not args.no_progress, extra={"model": model, "classes": classes, "seed": args.seed},
-                  log=log)
+                  log=log, on_epoch_end=lambda *state: [callback(*state) for callback in callbacks])
 
     test = evaluate(net, test_loader, loss_fn, args.device)
     metrics = classification_metrics(test["labels"], test["predictions"], classes)
@@ -261,6 +277,10 @@ def run(model: str, args, log=print) -> dict:
                                 title=f"t-SNE of pooled features ({name})")
                 figures.append(path)
 
+    mistakes = mistakes_gallery(net, dataset, test_idx, test_loader, classes, args.device,
+                                outputs_probabilities=meta.get("softmax_before_loss", False))
+    shipped = ship_weights(net, out, meta, history, metrics, test_loader, loss_fn, classes, args.device)
+
     best = history.best_epoch
     result = {
         "model": model,
@@ -279,14 +299,22 @@ def run(model: str, args, log=print) -> dict:
                  "loss": test["loss"], "per_class": metrics["per_class"],
                  "confusion_matrix": metrics["confusion_matrix"]},
         "figures": figures,
+        "shipped": shipped,
+        "report": "report.html",
         "hardware": hardware(args.device),
         "wall_seconds": time.time() - started,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    write_report(out, result, mistakes)
+    trackers.log_run(result, out, test["labels"], test["predictions"])
     log(f"best validation accuracy {result['best_val_accuracy']:.4f} at epoch {best}")
     log(f"Test accuracy: {100 * metrics['accuracy']:.1f} %  |  weighted F1: {metrics['f1_weighted']:.2f}  "
-        f"({len(test_idx)} test images)")
-    log(f"figures and metrics.json written to {out}")
+        f"({len(test_idx)} test images; last: epoch {shipped['last']['epoch']}'s weights, the assignment's number)")
+    if shipped["best"]:
+        log(f"Test accuracy, best: {100 * shipped['best']['accuracy']:.1f} %  |  weighted F1: "
+            f"{shipped['best']['f1_weighted']:.2f}  (best validation epoch {shipped['best']['epoch']}'s weights, "
+            f"the ones to ship: best.safetensors)")
+    log(f"figures, metrics.json, report.html, best.safetensors and last.safetensors written to {out}")
     return result
 
 

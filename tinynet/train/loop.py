@@ -237,7 +237,8 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
 
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
-        progress: bool = True, extra=None, log=print, time_budget: float | None = None) -> History:
+        progress: bool = True, extra=None, log=print, time_budget: float | None = None,
+        on_epoch_end=None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -258,6 +259,10 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     time_budget : seconds; after each epoch, stop (returning the history so far,
         the checkpoint written) when another epoch as long as the longest one
         so far would end past the budget, counted from this call's start.
+    on_epoch_end : called as ``on_epoch_end(stats, model, history)`` after every
+        epoch's checkpoint is written (``stats`` is that epoch's
+        :class:`EpochStats`, already in ``history``): to keep the best weights,
+        log to a run tracker, ...
     """
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
@@ -340,6 +345,8 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
             _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
                             history=history.to_dict(), extra=extra, last_good=last_good)
             last_good = checkpoint_path
+        if on_epoch_end is not None:
+            on_epoch_end(stats, model, history)
         elapsed = time.perf_counter() - fit_started
         longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
         if time_budget is not None and epoch + 1 < epochs and elapsed + longest_epoch > time_budget:
