@@ -91,7 +91,7 @@ def save_model(path, model, meta: dict) -> pathlib.Path:
     from safetensors.numpy import save
 
     path = pathlib.Path(path)
-    tensors = {key: np.ascontiguousarray(backend.to_numpy(value)) for key, value in model.state_dict().items()}
+    tensors = {key: np.asarray(backend.to_numpy(value), order="C") for key, value in model.state_dict().items()}  # keeps 0-d
     # Serialised in memory and written with open(), so the file gets the user's usual permissions
     # (safetensors' save_file creates it readable by its owner only).
     data = save(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
