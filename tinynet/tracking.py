@@ -145,7 +145,7 @@ class Trackers:
         parts = []
         for tracker in self.trackers:
             if isinstance(tracker, WandbTracker):
-                parts.append(f"W&B run {tracker.run.name!r} ({tracker.mode}) in {tracker.run.dir}")
+                parts.append(f"W&B run {tracker.run.name!r} ({tracker.mode}) in {pathlib.Path(tracker.run.dir).parent}")
             else:
                 parts.append(f"TensorBoard event files in {tracker.logdir}")
         return "; ".join(parts)
