@@ -1,5 +1,4 @@
 """ONNX export (tinynet.onnx): a standard graph that onnxruntime runs to tinynet's logits."""
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from tinynet.nn import no_grad
 from tinynet.predict import model_metadata, save_model
 
 from conftest import assert_close_to_scale
+from test_examples import run_script
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (optional extra 'onnx')")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional extra 'onnx')")
@@ -97,10 +97,6 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
         export(simple_cnn(3, image_size=16), tmp_path / "x.onnx", (1, 3, 16, 16))
 
 
-def run_example(name, *args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=cwd)
 
 
 @pytest.fixture
@@ -115,11 +111,11 @@ def shipped(tmp_path, rng):
 
 
 def test_export_script_then_predict_with_onnxruntime_matches_the_weights(shipped):
-    result = run_example("export_onnx.py", "--weights", shipped / "best.safetensors", "--out", shipped / "model.onnx")
+    result = run_script("export_onnx.py", "--weights", shipped / "best.safetensors", "--out", shipped / "model.onnx")
     assert result.returncode == 0, result.stderr
     assert "opset 17" in result.stdout
-    by_weights = run_example("predict.py", "--weights", shipped / "best.safetensors", shipped, "--top-k", 3)
-    by_onnx = run_example("predict.py", "--onnx", shipped / "model.onnx", shipped, "--top-k", 3)
+    by_weights = run_script("predict.py", "--weights", shipped / "best.safetensors", shipped, "--top-k", 3)
+    by_onnx = run_script("predict.py", "--onnx", shipped / "model.onnx", shipped, "--top-k", 3)
     assert by_weights.returncode == 0 and by_onnx.returncode == 0, by_onnx.stderr
     # the same ranking and probabilities (printed to 0.1 %) for every photo
     assert by_onnx.stdout == by_weights.stdout and by_onnx.stdout.count("\n") == 2
@@ -130,12 +126,12 @@ def test_readme_onnxruntime_snippet_runs(shipped):
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"```python\n(# onnxruntime alone.*?)```", readme, re.S)
     assert snippet, "README.md lost its onnxruntime snippet"
-    assert run_example("export_onnx.py", "--weights", shipped / "best.safetensors",
+    assert run_script("export_onnx.py", "--weights", shipped / "best.safetensors",
                        "--out", shipped / "model.onnx").returncode == 0
     (shipped / "photo.jpg").write_bytes((shipped / "photo0.png").read_bytes())
     result = subprocess.run([sys.executable, "-c", snippet.group(1)], capture_output=True, text=True, timeout=120,
                             cwd=shipped)
     assert result.returncode == 0, result.stderr
-    expected = run_example("predict.py", "--onnx", shipped / "model.onnx", shipped / "photo.jpg", "--top-k", 1)
+    expected = run_script("predict.py", "--onnx", shipped / "model.onnx", shipped / "photo.jpg", "--top-k", 1)
     top1 = expected.stdout.split(": ", 1)[1].split()[0]
     assert result.stdout.split()[0] == top1

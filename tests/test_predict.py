@@ -1,9 +1,6 @@
 """Shipped weights (best/last.safetensors) and predicting on new photos (tinynet.predict, examples/predict.py)."""
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +19,12 @@ from tinynet.predict import (BestWeights, ModelFileError, find_images, load_mode
 from tinynet.train import EpochStats, History, evaluate
 from tinynet.train.checkpoint import load_checkpoint
 
+from test_examples import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # training size; the photos on disk are 40x40, so both paths resize
 
 
-def run_example(name, *args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def write_digit_photos(root, per_class=20, size=40):
@@ -48,7 +43,7 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("trained")
     photos = write_digit_photos(base / "photos")
     out = base / "run"
-    result = run_example("train_cnn.py", "--data", photos, "--image-size", SIZE, "--epochs", 4, "--out", out,
+    result = run_script("train_cnn.py", "--data", photos, "--image-size", SIZE, "--epochs", 4, "--out", out,
                          "--no-progress")
     assert result.returncode == 0, result.stderr
     return out, photos, json.loads((out / "metrics.json").read_text()), result.stdout
@@ -105,7 +100,7 @@ def test_predict_on_held_back_photos_matches_evaluate(trained, tmp_path):
     out, photos, metrics, _ = trained
     dataset, test_idx = held_back(photos)
     files = [dataset.samples[i] for i in test_idx]
-    result = run_example("predict.py", "--weights", out / "best.safetensors", *files, "--top-k", 3,
+    result = run_script("predict.py", "--weights", out / "best.safetensors", *files, "--top-k", 3,
                          "--csv", tmp_path / "out.csv")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
@@ -150,7 +145,7 @@ def test_unreadable_files_are_skipped_with_the_training_decoders_reason(trained,
     (folder / "truncated.png").write_bytes(good.read_bytes()[:200])
     training = {Path(s.path).name: s.reason for s in ImageFolder(tmp_path / "mixed", size=SIZE).skipped}
     assert set(training) == {"text.png", "empty.jpg", "truncated.png"}
-    result = run_example("predict.py", "--weights", out / "best.safetensors", tmp_path / "mixed",
+    result = run_script("predict.py", "--weights", out / "best.safetensors", tmp_path / "mixed",
                          tmp_path / "missing.jpg", "--no-progress")
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
@@ -197,7 +192,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(trained, tmp_path, case
         save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
     with pytest.raises(ModelFileError, match=expected):
         load_model(path)
-    result = run_example("predict.py", "--weights", path, photos)
+    result = run_script("predict.py", "--weights", path, photos)
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -209,7 +204,7 @@ def test_cuda_without_a_gpu_is_a_usage_error(trained):
     if backend.gpu_available():
         pytest.skip("a GPU is present")
     out, photos, _, _ = trained
-    result = run_example("predict.py", "--weights", out / "best.safetensors", "--device", "cuda", photos)
+    result = run_script("predict.py", "--weights", out / "best.safetensors", "--device", "cuda", photos)
     assert result.returncode == 2 and "cuda" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -228,3 +223,22 @@ def test_saved_file_round_trips_buffers_and_metadata(tmp_path):
     for key, value in net.state_dict().items():
         np.testing.assert_array_equal(model.state_dict()[key], value, err_msg=key)
     assert not model.training
+
+
+def test_resumed_run_keeps_the_best_weights_of_the_epochs_before_the_stop(tmp_path):
+    out = tmp_path / "run"
+    # lr 0.03 overshoots: validation accuracy peaks in epoch 1 (0.21), before the stop, and falls after it
+    common = ("--limit", 12, "--image-size", 16, "--out", out, "--no-progress", "--lr", 0.03)
+    first = run_script("train_cnn.py", "--epochs", 2, *common)
+    assert first.returncode == 0, first.stderr
+    before, meta_before = read_model_file(out / "best.safetensors")
+    resumed = run_script("train_cnn.py", "--epochs", 4, "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    tensors, meta = read_model_file(out / "best.safetensors")
+    assert meta["epoch"] == metrics["best_epoch"] == metrics["shipped"]["best"]["epoch"]
+    assert metrics["best_epoch"] <= 2, "precondition: the best epoch comes before the stop"
+    assert meta == meta_before  # the file written before the stop, untouched by the epochs after it
+    for key in before:
+        np.testing.assert_array_equal(tensors[key], before[key])
+    assert read_model_file(out / "last.safetensors")[1]["epoch"] == 4

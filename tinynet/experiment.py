@@ -238,7 +238,7 @@ def run(model: str, args, log=print) -> dict:
     # Shipped weights (best.safetensors while training, last.safetensors after) and run tracking.
     meta = model_metadata(model, net, classes, args.image_size)
     try:
-        trackers = Trackers.from_args(args, {k: v for k, v in vars(args).items()}, out)
+        trackers = Trackers.from_args(args, dict(vars(args)), out)
     except TrackingUnavailable as error:
         raise UsageError(str(error)) from None
     if trackers:

@@ -54,7 +54,8 @@ from .nn.functional import softmax
 from .nn.module import StateDictError, no_grad
 
 __all__ = ["ModelFileError", "save_model", "read_model_file", "load_model", "build_model", "model_metadata",
-           "Prediction", "find_images", "predict_files", "model_forward", "IMAGE_SUFFIXES", "BestWeights", "ship_weights"]
+           "Prediction", "find_images", "predict_files", "model_forward", "IMAGE_SUFFIXES", "BestWeights",
+           "ship_weights"]
 
 FORMAT = "tinynet-model/1"
 REQUIRED = ("model", "classes", "image_size", "mean", "std")
@@ -91,7 +92,8 @@ def save_model(path, model, meta: dict) -> pathlib.Path:
     from safetensors.numpy import save
 
     path = pathlib.Path(path)
-    tensors = {key: np.asarray(backend.to_numpy(value), order="C") for key, value in model.state_dict().items()}  # keeps 0-d
+    # np.asarray, not np.ascontiguousarray, which would turn 0-d buffers (num_batches_tracked) into 1-d ones.
+    tensors = {key: np.asarray(backend.to_numpy(value), order="C") for key, value in model.state_dict().items()}
     # Serialised in memory and written with open(), so the file gets the user's usual permissions
     # (safetensors' save_file creates it readable by its owner only).
     data = save(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
