@@ -16,6 +16,7 @@ Exit status: 0 when at least one image was classified; 1 when none could be;
 """
 import argparse
 import csv
+import itertools
 import sys
 
 from tinynet import backend
@@ -71,25 +72,33 @@ def main(argv=None) -> int:
         return 2
 
     files, missing = find_images(args.inputs)
-    results = list(missing)
-    results += predict_files(forward, meta, files, top_k=args.top_k, batch_size=args.batch_size,
-                             progress=not args.no_progress and sys.stderr.isatty())
-    for item in results:
-        if item.skipped:
-            print(f"{item.path}: skipped: {item.skipped}")
-        else:
-            print(f"{item.path}: " + ", ".join(f"{name} {100 * p:.1f} %" for name, p in item.top))
-    if args.csv:
-        k = min(args.top_k, len(meta["classes"]))
-        with open(args.csv, "w", newline="", encoding="utf-8", errors="backslashreplace") as file:
-            writer = csv.writer(file)
-            writer.writerow(["path"] + [f"{what}{i}" for i in range(1, k + 1) for what in ("class", "p")]
-                            + ["skipped"])
-            for item in results:
+    k = min(args.top_k, len(meta["classes"]))
+    try:
+        csv_file = open(args.csv, "w", newline="", encoding="utf-8", errors="backslashreplace") if args.csv else None
+    except OSError as error:
+        print(f"{prog}: error: --csv {args.csv!r} cannot be written: {error.strerror or error}", file=sys.stderr)
+        return 2
+    writer = csv.writer(csv_file) if csv_file else None
+    if writer:
+        writer.writerow(["path"] + [f"{what}{i}" for i in range(1, k + 1) for what in ("class", "p")] + ["skipped"])
+    done = skipped = 0
+    try:  # printed (and written) as each batch is done, so a large folder shows results as it goes
+        results = predict_files(forward, meta, files, top_k=args.top_k, batch_size=args.batch_size,
+                                progress=not args.no_progress and sys.stderr.isatty())
+        for item in itertools.chain(missing, results):
+            if item.skipped:
+                skipped += 1
+                print(f"{item.path}: skipped: {item.skipped}")
+            else:
+                done += 1
+                print(f"{item.path}: " + ", ".join(f"{name} {100 * p:.1f} %" for name, p in item.top))
+            if writer:
                 row = [c for name, p in item.top for c in (name, f"{p:.6f}")]
                 writer.writerow([item.path] + row + [""] * (2 * k - len(row)) + [item.skipped or ""])
-    done = sum(1 for item in results if not item.skipped)
-    print(f"{prog}: {done} images classified, {len(results) - done} skipped", file=sys.stderr)
+    finally:
+        if csv_file:
+            csv_file.close()
+    print(f"{prog}: {done} images classified, {skipped} skipped", file=sys.stderr)
     return 0 if done else 1
 
 

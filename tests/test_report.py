@@ -32,7 +32,7 @@ def resnet_run(tmp_path_factory):
     """A short ResNet18 run on the digits (t-SNE plots included)."""
     out = tmp_path_factory.mktemp("report") / "resnet"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_resnet.py"), "--limit", "12",
-                             "--image-size", "32", "--epochs", "2", "--out", str(out), "--no-progress"],
+                             "--image-size", "32", "--epochs", "1", "--out", str(out), "--no-progress"],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr
