@@ -13,7 +13,11 @@ around :func:`main`.  A run:
 4. trains with Adam and cross-entropy, evaluating on the validation set after
    every epoch, writing a checkpoint after every epoch;
 5. evaluates on the test set: accuracy and weighted F1;
-6. writes every figure and a ``metrics.json`` with every number into ``--out``.
+6. writes every figure and a ``metrics.json`` with every number into ``--out``;
+7. ships ``best.safetensors`` (best validation epoch) and ``last.safetensors``
+   (:mod:`tinynet.predict`), scores both on the test set, writes ``report.html``
+   (:mod:`tinynet.report`) and, with ``--wandb`` / ``--tensorboard``, logs the
+   run (:mod:`tinynet.tracking`).
 
 Errors a user can cause (a missing data folder, an unknown option, ``--device
 cuda`` without a GPU, an output folder that cannot be written) end the program
