@@ -242,3 +242,22 @@ def test_resumed_run_keeps_the_best_weights_of_the_epochs_before_the_stop(tmp_pa
     for key in before:
         np.testing.assert_array_equal(tensors[key], before[key])
     assert read_model_file(out / "last.safetensors")[1]["epoch"] == 4
+
+
+def test_real_photos_get_the_training_pipelines_pixels(trained):
+    """WEBP named .jpg, RGBA and palette PNGs (the shared photos): the same arrays as the training decoder's."""
+    from conftest import popular_animals_or_skip
+    from tinynet.data import ArrayDataset
+    from tinynet.data.decode import decode_all, read_file
+
+    root = popular_animals_or_skip()
+    files = [str(root / "snake" / "snake (1).jpg"), *map(str, sorted((root / "bear").iterdir())[:3])]
+    _, meta = read_model_file(trained[0] / "best.safetensors")
+    seen = []
+    predictions = list(predict_files(lambda x: seen.append(x) or np.zeros((len(x), 10)), meta, files,
+                                     progress=False))
+    assert all(p.skipped is None for p in predictions)
+    images, kept, skipped, _ = decode_all(files, read_file, (SIZE, SIZE))
+    assert not skipped
+    x, _ = next(iter(DataLoader(ArrayDataset(images, np.zeros(len(files), np.int64), ["any"]), None, len(files))))
+    np.testing.assert_array_equal(seen[0], x)  # decoded, resized and normalised exactly as for training
