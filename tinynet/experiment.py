@@ -13,7 +13,11 @@ around :func:`main`.  A run:
 4. trains with Adam and cross-entropy, evaluating on the validation set after
    every epoch, writing a checkpoint after every epoch;
 5. evaluates on the test set: accuracy and weighted F1;
-6. writes every figure and a ``metrics.json`` with every number into ``--out``.
+6. writes every figure and a ``metrics.json`` with every number into ``--out``;
+7. ships ``best.safetensors`` (best validation epoch) and ``last.safetensors``
+   (:mod:`tinynet.predict`), scores both on the test set, writes ``report.html``
+   (:mod:`tinynet.report`) and, with ``--wandb`` / ``--tensorboard``, logs the
+   run (:mod:`tinynet.tracking`).
 
 Errors a user can cause (a missing data folder, an unknown option, ``--device
 cuda`` without a GPU, an output folder that cannot be written) end the program
@@ -37,7 +41,10 @@ from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, 
 from .io import WeightsFileError, load_weights
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
+from .predict import BestWeights, model_metadata, ship_weights
 from .random import manual_seed
+from .report import mistakes_gallery, write_report
+from .tracking import TrackingUnavailable, Trackers
 from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
 
 __all__ = ["build_parser", "main", "run", "UsageError", "CommandLineParser", "check_device", "check_output_folder",
@@ -83,6 +90,10 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     parser.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                         help="a non-finite loss stops the run (default) or its batch is skipped and counted")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    parser.add_argument("--wandb", metavar="PROJECT", help="log the run to Weights & Biases project PROJECT "
+                        "(offline, under --out, unless you are logged in; needs pip install \"tinynet[track]\")")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="write TensorBoard scalar event files to OUT/tensorboard (needs tensorboardX)")
     if model == "resnet":
         parser.add_argument("--pretrained", metavar="PATH",
                             help="start from these weights (torchvision's resnet18-f37072fd.pth, or an .npz/"
@@ -237,6 +248,17 @@ def run(model: str, args, log=print) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     if comm is not None:  # SyncBatchNorm (optional), rank 0's weights, gradients averaged over the ranks
         net, optimizer = distributed.prepare(net, optimizer, comm, args.sync_batchnorm)
+    # Shipped weights (best.safetensors while training, last.safetensors after) and run tracking: rank 0's.
+    meta = model_metadata(model, net, classes, args.image_size)
+    callbacks = []
+    if is_main:
+        try:
+            trackers = Trackers.from_args(args, dict(vars(args)), out)
+        except TrackingUnavailable as error:
+            raise UsageError(str(error)) from None
+        if trackers:
+            log(f"tracking: {trackers.describe()}")
+        callbacks = [BestWeights(out / "best.safetensors", meta), trackers.on_epoch_end]
 
     if is_main:  # with --distributed, rank 0 alone writes the figures and files
         plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
@@ -252,7 +274,8 @@ def run(model: str, args, log=print) -> dict:
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
                   progress=not args.no_progress and is_main,
                   extra={"model": model, "classes": classes, "seed": args.seed},
-                  log=log, distributed=distributed.FitHooks(comm) if comm is not None else None)
+                  log=log, on_epoch_end=lambda *state: [callback(*state) for callback in callbacks],
+                  distributed=distributed.FitHooks(comm) if comm is not None else None)
     if not is_main:
         return {}
     if comm is not None:
@@ -276,6 +299,10 @@ def run(model: str, args, log=print) -> dict:
                                 title=f"t-SNE of pooled features ({name})")
                 figures.append(path)
 
+    mistakes = mistakes_gallery(net, dataset, test_idx, test_loader, classes, args.device,
+                                outputs_probabilities=meta.get("softmax_before_loss", False))
+    shipped = ship_weights(net, out, meta, history, metrics, test_loader, loss_fn, classes, args.device)
+
     best = history.best_epoch
     result = {
         "model": model,
@@ -294,14 +321,22 @@ def run(model: str, args, log=print) -> dict:
                  "loss": test["loss"], "per_class": metrics["per_class"],
                  "confusion_matrix": metrics["confusion_matrix"]},
         "figures": figures,
+        "shipped": shipped,
+        "report": "report.html",
         "hardware": hardware(args.device),
         "wall_seconds": time.time() - started,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    write_report(out, result, mistakes)
+    trackers.log_run(result, out, test["labels"], test["predictions"])
     log(f"best validation accuracy {result['best_val_accuracy']:.4f} at epoch {best}")
     log(f"Test accuracy: {100 * metrics['accuracy']:.1f} %  |  weighted F1: {metrics['f1_weighted']:.2f}  "
-        f"({len(test_idx)} test images)")
-    log(f"figures and metrics.json written to {out}")
+        f"({len(test_idx)} test images; last: epoch {shipped['last']['epoch']}'s weights, the assignment's number)")
+    if shipped["best"]:
+        log(f"Test accuracy, best: {100 * shipped['best']['accuracy']:.1f} %  |  weighted F1: "
+            f"{shipped['best']['f1_weighted']:.2f}  (best validation epoch {shipped['best']['epoch']}'s weights, "
+            f"the ones to ship: best.safetensors)")
+    log(f"figures, metrics.json, report.html, best.safetensors and last.safetensors written to {out}")
     return result
 
 

@@ -240,7 +240,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
         progress: bool = True, extra=None, log=print, time_budget: float | None = None,
-        distributed=None) -> History:
+        on_epoch_end=None, distributed=None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -261,6 +261,10 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     time_budget : seconds; after each epoch, stop (returning the history so far,
         the checkpoint written) when another epoch as long as the longest one
         so far would end past the budget, counted from this call's start.
+    on_epoch_end : called as ``on_epoch_end(stats, model, history)`` after every
+        epoch's checkpoint is written (``stats`` is that epoch's
+        :class:`EpochStats`, already in ``history``): to keep the best weights,
+        log to a run tracker, ...
     distributed : data-parallel hooks (:class:`tinynet.distributed.FitHooks`), or None:
         only rank 0 writes checkpoints (every rank resumes from them), the
         epoch's sums and validation results are reduced over the ranks, and
@@ -350,6 +354,8 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
             _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
                             history=history.to_dict(), extra=extra, last_good=last_good)
             last_good = checkpoint_path
+        if on_epoch_end is not None:
+            on_epoch_end(stats, model, history)
         elapsed = time.perf_counter() - fit_started
         longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
         if distributed is not None and time_budget is not None:  # one decision for all ranks: rank 0's clock
