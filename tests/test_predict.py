@@ -182,7 +182,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(trained, tmp_path, case
     elif case == "model":
         meta["model"] = "resnet"
     if case == "checkpoint":
-        path, expected = out / "checkpoint.npz", "not a readable safetensors file"
+        path, expected = out / "checkpoint.npz", "has no tinynet model metadata"
     elif case == "missing":
         path, expected = tmp_path / "nope.safetensors", "does not exist"
     elif case == "no_metadata":

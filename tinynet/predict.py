@@ -35,7 +35,8 @@ A file that cannot be read is skipped with the same one-line reason the
 training datasets record.
 
 The functions that touch the file format are :func:`save_model` and
-:func:`read_model_file`; they call the ``safetensors`` package directly.
+:func:`read_model_file`; they go through :mod:`tinynet.io` (its safetensors
+reader and writer, its limits and its checks of loaded values).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
+from .io import WeightsFileError, check_state_values, load_weights, save_weights
+from .io.files import short_repr
 from .data.decode import decode_rgb, describe_error, image_size, read_file
 from .data.transforms import Normalize
 from .nn import Sequential, Softmax
@@ -86,52 +89,38 @@ def model_metadata(name: str, model, classes, image_size: int, mean=0.5, std=0.5
 def save_model(path, model, meta: dict) -> pathlib.Path:
     """Write ``model``'s parameters and buffers (host copies) and ``meta`` to a safetensors file at ``path``.
 
-    Written to a temporary file first and renamed, so an interrupted write
-    never leaves half a file under ``path``.
+    Goes through :func:`tinynet.io.save_weights`: written to a temporary file
+    first and renamed, so an interrupted write never leaves half a file under
+    ``path``; every metadata value is stored as a JSON string.
     """
-    from safetensors.numpy import save
-
-    path = pathlib.Path(path)
-    # np.asarray, not np.ascontiguousarray, which would turn 0-d buffers (num_batches_tracked) into 1-d ones.
-    tensors = {key: np.asarray(backend.to_numpy(value), order="C") for key, value in model.state_dict().items()}
-    # Serialised in memory and written with open(), so the file gets the user's usual permissions
-    # (safetensors' save_file creates it readable by its owner only).
-    data = save(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return save_weights(model.state_dict(), path, metadata={key: json.dumps(value) for key, value in meta.items()})
 
 
 def read_model_file(path) -> tuple[dict, dict]:
     """``(tensors, meta)`` of a file written by :func:`save_model`; :class:`ModelFileError` otherwise.
 
-    The safetensors package bounds what it reads (header size, offsets
-    checked against the file size) before it allocates anything.
+    Read by :func:`tinynet.io.load_weights`, under the same limits as every
+    weights file (header size, offsets checked against the file size, before
+    anything is allocated), and its values checked (no NaN or inf, no negative
+    variance) by :func:`tinynet.io.check_state_values`.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = str(path)
     if not os.path.isfile(path):
-        raise ModelFileError(f"model file {path!r} does not exist")
+        raise ModelFileError(f"model file {short_repr(path)} does not exist")
     try:
-        with safe_open(path, framework="numpy") as file:
-            raw = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelFileError(f"{path!r} is not a readable safetensors file ({' '.join(str(error).split())})") \
-            from None
+        tensors, raw = load_weights(path, with_metadata=True)
+        check_state_values(tensors, path)
+    except WeightsFileError as error:
+        raise ModelFileError(str(error)) from None
     missing = [key for key in REQUIRED if key not in raw]
     if missing:
-        raise ModelFileError(f"{path!r} has no tinynet model metadata (missing {', '.join(missing)}): expected "
-                             f"best.safetensors or last.safetensors from examples/train_cnn.py or train_resnet.py")
+        raise ModelFileError(f"{short_repr(path)} has no tinynet model metadata (missing {', '.join(missing)}): "
+                             f"expected best.safetensors or last.safetensors from examples/train_cnn.py or "
+                             f"train_resnet.py")
     try:
         meta = {key: json.loads(value) for key, value in raw.items()}
     except json.JSONDecodeError as error:
-        raise ModelFileError(f"{path!r}: metadata is not valid JSON ({error})") from None
+        raise ModelFileError(f"{short_repr(path)}: metadata is not valid JSON ({error})") from None
     return tensors, meta
 
 
@@ -141,9 +130,9 @@ def build_model(meta: dict, where: str = "model file"):
 
     classes, size = meta["classes"], meta["image_size"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise ModelFileError(f"{where}: metadata 'classes' must be a non-empty list of names, got {classes!r}")
+        raise ModelFileError(f"{where}: metadata 'classes' must be a non-empty list of names, got {short_repr(classes)}")
     if not (isinstance(size, int) and size > 0):
-        raise ModelFileError(f"{where}: metadata 'image_size' must be a positive integer, got {size!r}")
+        raise ModelFileError(f"{where}: metadata 'image_size' must be a positive integer, got {short_repr(size)}")
     try:
         if meta["model"] == "cnn":
             return simple_cnn(len(classes), image_size=size, softmax_before_loss=bool(meta.get("softmax_before_loss")))
@@ -151,7 +140,7 @@ def build_model(meta: dict, where: str = "model file"):
             return resnet18(len(classes), head=meta.get("head", "mlp"), width=int(meta.get("width", 64)))
     except ValueError as error:
         raise ModelFileError(f"{where}: {error}") from None
-    raise ModelFileError(f"{where}: unknown model {meta['model']!r} (expected 'cnn' or 'resnet')")
+    raise ModelFileError(f"{where}: unknown model {short_repr(meta['model'])} (expected 'cnn' or 'resnet')")
 
 
 def load_model(path, device: str = "cpu"):
