@@ -196,9 +196,13 @@ class Module:
     #: see :meth:`set_input_grad`.
     input_grad = True
 
-    #: How many forwards may wait for their backward before the next one is refused
-    #: (each holds its cache: for ResNet18 at batch 64, ~1 GB a forward).
-    max_pending_calls = 64
+    #: How many forwards may wait for their backward before the next one is refused.
+    #: Each holds its cache (for ResNet18 at batch 64, ~1 GB a forward), so the bound is
+    #: small enough to stop the usual mistake, inference without ``no_grad``, before it
+    #: exhausts memory, and large enough for weight sharing (a siamese pair, a few
+    #: unrolled steps); a model that calls one layer more often raises it, on the class
+    #: or on the instance.
+    max_pending_calls = 8
 
     #: Attributes that live only between a forward and its backward, or are workspaces the
     #: layer refills: never copied by ``copy.deepcopy`` and never part of a state dict.
@@ -279,7 +283,8 @@ class Module:
             raise RuntimeError(
                 f"{self._describe()}: {len(saved)} forward calls are waiting without a backward, each "
                 f"holding its cache; run inference under tinynet.no_grad(), or call model.release_saved() "
-                f"after a forward you will not backpropagate"
+                f"after a forward you will not backpropagate (a layer meant to be called more often per "
+                f"step: raise its max_pending_calls, now {self.max_pending_calls})"
             )
         saved.append(values)
 
