@@ -487,7 +487,7 @@ def test_train_resnet_script_runs_under_mpiexec_with_distributed(tmp_path):
                            "12", "--image-size", "16", "--batch-size", "32", "--no-progress"],
                           capture_output=True, text=True, timeout=120, env=env)
     check_ok(done)
-    assert done.stdout.count("Test accuracy") == 1 and done.stdout.count("epoch   1/1") == 1, "only rank 0 logs"
+    assert done.stdout.count("Test accuracy:") == 1 and done.stdout.count("epoch   1/1") == 1, "only rank 0 logs"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "tsne_validation_2d.png" in metrics["figures"] and "tsne_test_3d.png" in metrics["figures"]
     assert all((tmp_path / name).exists() for name in metrics["figures"])
