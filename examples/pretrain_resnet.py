@@ -64,8 +64,8 @@ import numpy as np
 
 from tinynet import backend, nn, optim
 from tinynet.data import DataLoader, ZipImageDataset, random_crop_flip_batch
-from tinynet.experiment import (CommandLineParser, UsageError, check_device, check_output_folder, hardware,
-                                run_command)
+from tinynet.cli import (CommandLineParser, UsageError, check_device, check_output_folder, hardware,
+                         run_command)
 from tinynet.io import save_weights
 from tinynet.models import resnet18
 from tinynet.nn.module import no_grad

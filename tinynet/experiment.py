@@ -23,40 +23,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
-import sys
 import time
 
 import numpy as np
 
-from . import backend, nn, optim
+from . import nn, optim
+from .cli import CommandLineParser, UsageError, check_device, check_output_folder, hardware, run_command
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_weights
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
 from .random import manual_seed
-from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
+from .train import evaluate, fit, predict
 
-__all__ = ["build_parser", "main", "run", "UsageError", "CommandLineParser", "check_device", "check_output_folder",
-           "hardware", "run_command"]
+__all__ = ["build_parser", "main", "run", "UsageError"]  # the other command-line pieces live in tinynet.cli
 
 DIGITS_NOTE = ("no --data given: using scikit-learn's bundled handwritten digits (1,797 images, 10 classes) "
                "rendered to {size}x{size} RGB, so that the script runs out of the box. Point it at real "
                "photos with --data DIR, where DIR holds one sub-folder of images per class.")
-
-
-class UsageError(Exception):
-    """A problem with the user's input: reported in one line, exit status 2."""
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and exit status 2 (argparse would print the usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(model: str) -> argparse.ArgumentParser:
@@ -95,33 +81,6 @@ def build_parser(model: str) -> argparse.ArgumentParser:
                                  "CrossEntropyLoss, which applies log-softmax itself, so the model is trained "
                                  "on a squashed softmax of softmax and learns more slowly. Off by default.")
     return parser
-
-
-def check_device(device: str) -> str:
-    """``device`` normalised ("cpu" or "cuda"); a :class:`UsageError` when it is unknown or has no GPU."""
-    try:
-        return backend.check_device(device)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(str(error)) from None
-
-
-def check_output_folder(path) -> pathlib.Path:
-    """Create the folder ``path`` if needed and make sure a file can be written in it."""
-    out = pathlib.Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
-    return out
-
-
-def hardware(device: str) -> dict:
-    """What a run's numbers were measured on, for its metrics file."""
-    return {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__}
 
 
 def _check_args(args, model: str) -> None:
@@ -295,35 +254,3 @@ def main(model: str, argv=None) -> int:
     parser = build_parser(model)
     args = parser.parse_args(argv)
     return run_command(parser.prog, lambda: run(model, args))
-
-
-def run_command(prog: str, job) -> int:
-    """Call ``job()`` and turn the errors a user can cause into a message and an exit status.
-
-    0: done; 2: bad input (:class:`UsageError`, an unusable checkpoint), one
-    line on stderr; 1: the loss became NaN, or a file could not be written (a
-    full disk); 130: Ctrl-C, after the checkpoint was saved.
-    """
-    # A file name that is not valid UTF-8 (or not in the terminal's encoding) is printed with escapes
-    # rather than stopping the run with a UnicodeEncodeError.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    try:
-        job()
-    except (UsageError, CheckpointError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # CheckpointWriteError says which checkpoint is still intact
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as stop:
-        print(f"\n{prog}: {stop}; run again with --resume to continue", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted outside training; every checkpoint written so far is intact", file=sys.stderr)
-        return 130
-    return 0
