@@ -32,7 +32,7 @@ from . import nn, optim
 from .cli import CommandLineParser, UsageError, check_device, check_output_folder, hardware, run_command
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
-from .io import WeightsFileError, load_weights
+from .io import WeightsFileError, load_into
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
 from .random import manual_seed
@@ -134,23 +134,19 @@ def build_model(model: str, num_classes: int, args, log):
     net = resnet18(num_classes, head="mlp")
     report = None
     if args.pretrained:
-        try:
-            state = load_weights(args.pretrained)
+        try:  # the backbone comes from the file; the head (fc.*) keeps its fresh initialisation
+            result = load_into(net, args.pretrained, strict=False, skip_prefixes="fc.")
         except (WeightsFileError, OSError) as error:
             raise UsageError(f"cannot load pretrained weights {args.pretrained!r}: {error}") from None
-        # The backbone comes from the file; the head (fc.*) keeps its fresh initialisation.
-        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        head = {k: v for k, v in net.state_dict().items() if k.startswith("fc.")}
-        result = net.load_state_dict({**backbone, **head}, strict=False)
-        not_loaded = set(result.unexpected_keys) | {key for key, _, _ in result.mismatched_keys}
-        loaded = [k for k in backbone if k not in not_loaded]
-        report = {"path": str(args.pretrained), "loaded": loaded, "fresh": list(head) + result.missing_keys,
-                  "ignored": [k for k in state if k.startswith("fc.")] + result.unexpected_keys,
+        head = [k for k in net.state_dict() if k.startswith("fc.")]
+        not_loaded = set(result.missing_keys) | {key for key, _, _ in result.mismatched_keys}
+        loaded = [k for k in net.state_dict() if k not in not_loaded and not k.startswith("fc.")]
+        report = {"path": str(args.pretrained), "loaded": loaded, "fresh": head + result.missing_keys,
+                  "ignored": ["fc.* (the file's own head, if it has one)"] + result.unexpected_keys,
                   "mismatched": [list(m) for m in result.mismatched_keys]}
         log(f"pretrained: loaded {len(loaded)} of the backbone's tensors from {args.pretrained}")
         log(f"  freshly initialised: {', '.join(report['fresh'])}")
-        if report["ignored"]:
-            log(f"  ignored from the file: {', '.join(report['ignored'])}")
+        log(f"  ignored from the file: {', '.join(report['ignored'])}")
         if result.mismatched_keys:
             log(f"  not loaded (shape differs): {', '.join(key for key, _, _ in result.mismatched_keys)}")
         if not loaded:
