@@ -22,14 +22,14 @@ with a one-line message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
 import numpy as np
 
 from . import nn, optim
-from .cli import CommandLineParser, UsageError, check_device, check_output_folder, hardware, run_command
+from .cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size, check_output_folder,
+                  check_seed, hardware, remove_stale_temporaries, run_command, write_json)
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_into
@@ -83,10 +83,18 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     return parser
 
 
+#: The files a run writes into --out (a killed run's temporary files for them are removed at the start).
+OUTPUT_FILES = frozenset({"metrics.json", "checkpoint.npz", "skipped.tsv", "class_distribution.png",
+                          "batch_grid.png", "curves.png", "confusion_matrix.png", "tsne_train_2d.png",
+                          "tsne_validation_2d.png", "tsne_test_3d.png"})
+
+
 def _check_args(args, model: str) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_image_size("--image-size", args.image_size)
+    check_seed(args.seed)
     if model == "cnn" and args.image_size % 16:
         raise UsageError(f"--image-size must be a multiple of 16 for the CNN (its pools divide it by 4, 2 and 2), "
                          f"got {args.image_size}")
@@ -154,12 +162,46 @@ def build_model(model: str, num_classes: int, args, log):
     return net, report
 
 
+def resume_recipe(model: str, args, data_name: str) -> dict:
+    """The settings a resumed run must share with the run it continues (stored in every checkpoint).
+
+    ``--resume`` refuses a change of any of them, naming it and both values
+    (:func:`tinynet.train.load_checkpoint` compares them): the checkpoint's
+    optimizer state would override a new ``--lr``; a new batch size would
+    shift the position a mid-epoch stop resumes from (training images twice,
+    or past the end); the others change the data or the model the saved
+    weights were trained on.  ``--epochs`` (the run continues up to the new
+    total), ``--device``, ``--on-nan``, ``--no-progress`` and ``--no-tsne``
+    are honoured.
+    """
+    recipe = {"data": data_name, "batch_size": args.batch_size, "lr": args.lr, "augment": args.augment,
+              "image_size": args.image_size, "limit": args.limit}
+    if model == "cnn":
+        recipe["softmax_before_loss"] = args.softmax_before_loss
+    else:
+        recipe["pretrained"] = str(args.pretrained) if args.pretrained else None
+    return recipe
+
+
+def _has_batch_norm(net) -> bool:
+    return any(isinstance(module, nn.BatchNorm2d) for module in net.modules())
+
+
+def _check_finite(what: str, value) -> None:
+    """A loss that is not a number is a failed run, never a result to report."""
+    if value is not None and not np.isfinite(value):
+        raise FailedRun(f"the {what} loss is {value}: the model's outputs are not finite numbers, so no accuracy "
+                        f"is reported (a diverged run, or weights with NaN or infinite values)")
+
+
 def run(model: str, args, log=print) -> dict:
     """Run the experiment described by parsed ``args``; returns the metrics written to metrics.json."""
     from . import plots
 
     _check_args(args, model)
     out = pathlib.Path(args.out)
+    for path in remove_stale_temporaries(out, OUTPUT_FILES):
+        log(f"removed {path}, a temporary file left by a run that was killed while writing")
     started = time.time()
     manual_seed(args.seed)
     try:  # an empty folder, a class without usable images, a class too small to split
@@ -179,6 +221,14 @@ def run(model: str, args, log=print) -> dict:
     test_loader = DataLoader(dataset, test_idx, args.batch_size)
 
     net, pretrained_report = build_model(model, len(classes), args, log)
+    if _has_batch_norm(net):  # BatchNorm's batch statistics need two images (PyTorch refuses one as well)
+        if args.batch_size == 1:
+            raise UsageError(f"--batch-size 1: {type(net).__name__}'s BatchNorm layers cannot train on one image "
+                             f"at a time (a variance needs two values); use 2 or more")
+        if train_loader.num_items % args.batch_size == 1:
+            train_loader.drop_last = True
+            log(f"the last training batch would hold one image, which BatchNorm cannot train on: it is left out "
+                f"of every epoch (a different image each epoch, as the order is shuffled)")
     net.to(args.device)
     net.set_input_grad(False)  # the images need no gradient
     optimizer = optim.Adam(net.parameters(), lr=args.lr)
@@ -195,10 +245,14 @@ def run(model: str, args, log=print) -> dict:
         f"{', augmentation run' if args.augment else ''}")
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
-                  progress=not args.no_progress, extra={"model": model, "classes": classes, "seed": args.seed},
+                  progress=not args.no_progress, extra={"model": model, "classes": classes, "seed": args.seed,
+                                                        **resume_recipe(model, args, data_name)},
                   log=log)
+    for epoch in history.epochs:
+        _check_finite(f"validation (epoch {epoch.epoch})", epoch.val_loss)
 
     test = evaluate(net, test_loader, loss_fn, args.device)
+    _check_finite("test", test["loss"])
     metrics = classification_metrics(test["labels"], test["predictions"], classes)
     plots.plot_curves(history, out / "curves.png")
     plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
@@ -225,6 +279,7 @@ def run(model: str, args, log=print) -> dict:
         "skipped_files": len(getattr(dataset, "skipped", [])),
         "split": {"train": int(len(train_idx)), "validation": int(len(val_idx)), "test": int(len(test_idx))},
         "config": {k: v for k, v in vars(args).items()},
+        "last_training_batch_dropped": train_loader.drop_last,  # a batch of one image, with BatchNorm
         "pretrained": pretrained_report,
         "history": history.to_dict(),
         "best_epoch": best,
@@ -237,7 +292,7 @@ def run(model: str, args, log=print) -> dict:
         "hardware": hardware(args.device),
         "wall_seconds": time.time() - started,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(out / "metrics.json", result)
     log(f"best validation accuracy {result['best_val_accuracy']:.4f} at epoch {best}")
     log(f"Test accuracy: {100 * metrics['accuracy']:.1f} %  |  weighted F1: {metrics['f1_weighted']:.2f}  "
         f"({len(test_idx)} test images)")
