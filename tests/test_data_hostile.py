@@ -264,3 +264,23 @@ def test_a_pixel_bomb_member_is_skipped_before_decoding(tmp_path):
     assert len(dataset) == 4
     [entry] = dataset.skipped
     assert entry.path.endswith("train/a/bomb.png") and ("decompression bomb" in entry.reason), entry.reason
+
+
+def test_a_damaged_zip_is_a_one_line_value_error_naming_the_archive(tmp_path):
+    # Found by tests/test_fuzz_images.py: zipfile's BadZipFile escaped, which the command lines do not report
+    # in one line (a traceback).
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as archive:
+        archive.writestr("classes.tsv", "a\tfirst\nb\tsecond\n")
+        for c in ("a", "b"):
+            archive.writestr(f"train/{c}/0.png", encoded(seed=1))
+    data = good.read_bytes()
+    header = tmp_path / "header.zip"
+    header.write_bytes(b"PK\x03\x05" + data[4:])  # the first member's local header magic, damaged
+    with pytest.raises(ValueError, match=r"header.zip'.*classes.tsv cannot be read \(BadZipFile: Bad magic number"):
+        ZipImageDataset(header, "train", SIZE)
+    central = tmp_path / "central.zip"
+    at = data.rindex(b"PK\x01\x02")  # the last central directory entry, its signature damaged
+    central.write_bytes(data[:at] + b"PK\x01\x03" + data[at + 4:])
+    with pytest.raises(ValueError, match=r"central.zip' cannot be opened as a zip file .*truncated or corrupt"):
+        ZipImageDataset(central, "train", SIZE)

@@ -35,6 +35,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..io.files import ZIP_READ_ERRORS
 from .datasets import DecodedDataset
 from .decode import (MAX_FILE_BYTES, DecodeReport, SkippedFile, UnreadableImage, check_limit, decode_all,
                      image_size, read_file, read_image_bytes)
@@ -68,6 +69,10 @@ def read_class_table(text: str) -> dict[str, str]:
 MAX_CLASS_TABLE_BYTES = 1 << 20
 
 
+def _unreadable_table(source, error: Exception) -> ValueError:
+    return ValueError(f"image archive {source!r}: {CLASS_TABLE} cannot be read ({type(error).__name__}: {error})")
+
+
 def _class_table_text(stream, source) -> str:
     """The text of ``classes.tsv`` read from the binary ``stream``, at most :data:`MAX_CLASS_TABLE_BYTES`."""
     try:
@@ -75,8 +80,8 @@ def _class_table_text(stream, source) -> str:
         if len(raw) > MAX_CLASS_TABLE_BYTES:
             raise ValueError(f"more than {MAX_CLASS_TABLE_BYTES:,} bytes")
         return raw.decode("utf-8")
-    except (ValueError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as error:  # UnicodeDecodeError too
-        raise ValueError(f"image archive {source!r}: {CLASS_TABLE} cannot be read ({error})") from None
+    except ZIP_READ_ERRORS as error:  # UnicodeDecodeError and our own ValueError too
+        raise _unreadable_table(source, error) from None
 
 
 def _read_class_table_member(archive: zipfile.ZipFile, source) -> str:
@@ -87,7 +92,11 @@ def _read_class_table_member(archive: zipfile.ZipFile, source) -> str:
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise ValueError(f"image archive {source!r}: {CLASS_TABLE} uses zip compression method "
                          f"{info.compress_type}; expected stored (0) or deflated (8)")
-    with archive.open(info) as member:
+    try:
+        member = archive.open(info)
+    except ZIP_READ_ERRORS as error:
+        raise _unreadable_table(source, error) from None
+    with member:
         return _class_table_text(member, source)
 
 
@@ -195,7 +204,12 @@ class ZipImageDataset(DecodedDataset):
     def _decode(self, size, limit_per_class, threads) -> dict:
         """List, then decode the split; the arrays a cache stores, plus the report."""
         if zipfile.is_zipfile(self.source):
-            with zipfile.ZipFile(self.source) as archive:
+            try:
+                archive = zipfile.ZipFile(self.source)
+            except ZIP_READ_ERRORS as error:  # a damaged central directory, names that are not text, ...
+                raise ValueError(f"image archive {self.source!r} cannot be opened as a zip file ({error}); it is "
+                                 f"truncated or corrupt") from None
+            with archive:
                 by_class, skipped = _list_zip(archive, self.split)
                 if not by_class:
                     raise FileNotFoundError(f"image archive {self.source!r} has no images under {self.split}/<class>/")
