@@ -297,7 +297,7 @@ def plan_epochs(args, speed: dict, train_items: int, val_items: int, seconds_lef
 
 
 def write_plan(out: pathlib.Path, args, epochs: int) -> None:
-    """Record the epochs the learning rate is annealed over, for ``--resume`` (atomically: a kill leaves the old one)."""
+    """Record the epochs the learning rate is annealed over, for ``--resume`` (atomically: a kill keeps the old)."""
     write_json(out / PLAN_FILE, {"epochs": epochs, "recipe": recipe(args)})
 
 

@@ -169,7 +169,8 @@ def _encoded(fmt, mode="RGB", size=(12, 10), **options) -> bytes:
 
 SEEDS = {
     "png": _encoded("PNG"), "png-palette": _encoded("PNG", "P", transparency=3), "png-rgba": _encoded("PNG", "RGBA"),
-    "jpeg": _encoded("JPEG"), "jpeg-progressive": _encoded("JPEG", progressive=True), "jpeg-cmyk": _encoded("JPEG", "CMYK"),
+    "jpeg": _encoded("JPEG"), "jpeg-progressive": _encoded("JPEG", progressive=True),
+    "jpeg-cmyk": _encoded("JPEG", "CMYK"),
     "webp-lossy": _encoded("WEBP"), "webp-lossless": _encoded("WEBP", lossless=True),
     "gif": _encoded("GIF", "P"), "bmp": _encoded("BMP"), "tiff": _encoded("TIFF", compression="tiff_lzw"),
 }

@@ -275,9 +275,10 @@ def decode_all(sources: Sequence[str], read: Callable[[str], bytes], size: tuple
     """Decode every source into one uint8 array, on a pool of threads.
 
     ``read(source)`` returns a source's bytes (a file path, a zip member
-    name, ...), refusing hopeless ones early (see :func:`read_image_bytes`).  Pillow releases the GIL while it decodes and resizes, so the
-    threads decode in parallel; each writes its images straight into the
-    shared output array.
+    name, ...), refusing hopeless ones early (see :func:`read_image_bytes`).
+    Pillow releases the GIL while it decodes and resizes, so the threads
+    decode in parallel; each writes its images straight into the shared
+    output array.
 
     Returns ``(images, kept, skipped, report)``:
 
