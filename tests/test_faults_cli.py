@@ -186,3 +186,13 @@ def test_non_finite_validation_or_test_loss_is_a_failure_not_a_result(tmp_path, 
     assert "Test accuracy" not in out and not (tmp_path / "out" / "metrics.json").exists()
     name = "validation (epoch 2)" if where == "validation" else "test"
     assert f"the {name} loss is nan" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pretrained_file_of_another_architecture_is_one_line_exit_2(tmp_path, capsys):
+    from tinynet.io import save_weights
+    from tinynet.models import simple_cnn
+
+    weights = save_weights(simple_cnn(2, image_size=16).state_dict(), tmp_path / "cnn.npz")
+    status, _, err = call_main(capsys, "resnet", *RESNET_QUICK, "--out", tmp_path / "out", "--pretrained", weights)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{str(weights)!r}" in err and ("no key matched" in err or "none of the file's" in err), err

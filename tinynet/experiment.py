@@ -144,7 +144,7 @@ def build_model(model: str, num_classes: int, args, log):
     if args.pretrained:
         try:  # the backbone comes from the file; the head (fc.*) keeps its fresh initialisation
             result = load_into(net, args.pretrained, strict=False, skip_prefixes="fc.")
-        except (WeightsFileError, OSError) as error:
+        except (WeightsFileError, nn.StateDictError, OSError) as error:  # StateDictError: no key matched
             raise UsageError(f"cannot load pretrained weights {args.pretrained!r}: {error}") from None
         head = [k for k in net.state_dict() if k.startswith("fc.")]
         not_loaded = set(result.missing_keys) | {key for key, _, _ in result.mismatched_keys}
@@ -184,7 +184,7 @@ def resume_recipe(model: str, args, data_name: str) -> dict:
 
 
 def _has_batch_norm(net) -> bool:
-    return any(isinstance(module, nn.BatchNorm2d) for module in net.modules())
+    return any(isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) for module in net.modules())
 
 
 def _check_finite(what: str, value) -> None:
