@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from tinynet.data import ImageFolder, ZipImageDataset, decode
+from tinynet.data import ImageFolder, ZipImageDataset, decode, folder
 from tinynet.data.decode import FORMATS, MAX_FILE_BYTES, UnreadableImage, decode_rgb
 
 SIZE = 8
@@ -284,3 +284,28 @@ def test_a_damaged_zip_is_a_one_line_value_error_naming_the_archive(tmp_path):
     central.write_bytes(data[:at] + b"PK\x01\x03" + data[at + 4:])
     with pytest.raises(ValueError, match=r"central.zip' cannot be opened as a zip file .*truncated or corrupt"):
         ZipImageDataset(central, "train", SIZE)
+
+
+def test_odd_member_names_and_long_library_messages_stay_one_bounded_line(tmp_path):
+    # Found by the long campaign of tests/test_fuzz_images.py: a member named just "train" raised IndexError, and
+    # zipfile's message for a damaged header quoted the header's bytes, as many as the header claimed.
+    odd = [stored("train", encoded()), stored("train//x.png", encoded())]
+    path = raw_zip(tmp_path / "odd.zip", with_good_images(*odd))
+    dataset = ZipImageDataset(path, "train", SIZE)
+    assert len(dataset) == 4
+    assert sorted(entry.path.rsplit("odd.zip/", 1)[1] for entry in dataset.skipped) == ["train", "train//x.png"]
+    assert {entry.reason for entry in dataset.skipped} == {folder.NOT_IN_A_CLASS_FOLDER}
+
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as archive:
+        archive.writestr("classes.tsv", "a\tfirst\nb\tsecond\n")
+        for c in ("a", "b"):
+            archive.writestr(f"train/{c}/0.png", encoded(seed=1))
+    data = bytearray(good.read_bytes())
+    data[26:28] = (2000).to_bytes(2, "little")  # classes.tsv's local header claims a 2000-character name
+    (tmp_path / "long.zip").write_bytes(bytes(data))
+    with pytest.raises(ValueError) as refused:
+        ZipImageDataset(tmp_path / "long.zip", "train", SIZE)
+    message = str(refused.value)
+    assert "classes.tsv cannot be read (BadZipFile: File name in directory" in message
+    assert len(message) < 400 and "\n" not in message and "characters)" in message

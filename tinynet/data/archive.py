@@ -38,7 +38,7 @@ import numpy as np
 from ..io.files import ZIP_READ_ERRORS
 from .datasets import DecodedDataset
 from .decode import (MAX_FILE_BYTES, DecodeReport, SkippedFile, UnreadableImage, check_limit, decode_all,
-                     image_size, read_file, read_image_bytes)
+                     error_text, image_size, read_file, read_image_bytes)
 from .folder import NOT_IN_A_CLASS_FOLDER, find_classes, list_class_files
 
 __all__ = ["ZipImageDataset", "read_class_table"]
@@ -70,7 +70,7 @@ MAX_CLASS_TABLE_BYTES = 1 << 20
 
 
 def _unreadable_table(source, error: Exception) -> ValueError:
-    return ValueError(f"image archive {source!r}: {CLASS_TABLE} cannot be read ({type(error).__name__}: {error})")
+    return ValueError(f"image archive {source!r}: {CLASS_TABLE} cannot be read ({error_text(error)})")
 
 
 def _class_table_text(stream, source) -> str:
@@ -114,7 +114,7 @@ def _list_zip(archive: zipfile.ZipFile, split: str):
         parts = info.filename.split("/")
         if info.is_dir() or parts[0] != split or any(part.startswith(".") for part in parts):
             continue
-        if len(parts) == 2:
+        if len(parts) < 3 or not parts[1]:  # "train/x.png", a file named "train", "train//x.png"
             skipped.append(SkippedFile(f"{archive.filename}/{info.filename}", NOT_IN_A_CLASS_FOLDER))
         else:
             by_class[parts[1]].append(info.filename)
@@ -207,8 +207,8 @@ class ZipImageDataset(DecodedDataset):
             try:
                 archive = zipfile.ZipFile(self.source)
             except ZIP_READ_ERRORS as error:  # a damaged central directory, names that are not text, ...
-                raise ValueError(f"image archive {self.source!r} cannot be opened as a zip file ({error}); it is "
-                                 f"truncated or corrupt") from None
+                raise ValueError(f"image archive {self.source!r} cannot be opened as a zip file "
+                                 f"({error_text(error)}); it is truncated or corrupt") from None
             with archive:
                 by_class, skipped = _list_zip(archive, self.split)
                 if not by_class:

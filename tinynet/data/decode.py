@@ -49,7 +49,8 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "SkippedFile", "DecodeReport", "UnreadableImage",
     "to_rgb", "decode_rgb", "decode_all", "read_file", "describe_error", "write_skipped", "image_size",
-    "check_limit", "sniff_format", "read_image_bytes", "check_fits_in_memory", "FORMATS", "MAX_FILE_BYTES",
+    "check_limit", "error_text", "sniff_format", "read_image_bytes", "check_fits_in_memory", "FORMATS",
+    "MAX_FILE_BYTES",
 ]
 
 # Pillow's modes for one channel of 16-bit samples.  "I" (32-bit integer) is
@@ -242,8 +243,20 @@ def describe_error(error: BaseException) -> str:
         return "symbolic link loop"
     if isinstance(error, UnidentifiedImageError):
         return f"not a readable {', '.join(FORMATS)} image (Pillow cannot identify it)"
+    return f"cannot decode: {error_text(error)}"
+
+
+#: The most characters of a library's error message that a reason quotes: zipfile, for one, puts the raw
+#: bytes of a damaged header into its message, as long as the header claims.
+MAX_QUOTED = 200
+
+
+def error_text(error: BaseException) -> str:
+    """``"<type>: <message>"`` on one line, the message cut at :data:`MAX_QUOTED` characters."""
     message = " ".join(str(error).split())
-    return f"cannot decode: {type(error).__name__}: {message}" if message else type(error).__name__
+    if len(message) > MAX_QUOTED:
+        message = message[:MAX_QUOTED] + f"... ({len(message):,} characters)"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _physical_memory() -> int | None:
