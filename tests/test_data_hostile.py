@@ -287,9 +287,9 @@ def test_a_damaged_zip_is_a_one_line_value_error_naming_the_archive(tmp_path):
 
 
 def test_odd_member_names_and_long_library_messages_stay_one_bounded_line(tmp_path):
-    # Found by the long campaign of tests/test_fuzz_images.py: a member named just "train" raised IndexError, and
-    # zipfile's message for a damaged header quoted the header's bytes, as many as the header claimed.
-    odd = [stored("train", encoded()), stored("train//x.png", encoded())]
+    # Found by long campaigns of tests/test_fuzz_images.py: a member named just "train", or with no name, raised
+    # IndexError, and zipfile's message for a damaged header quoted the header's bytes, as many as it claimed.
+    odd = [stored("train", encoded()), stored("train//x.png", encoded()), stored("", encoded())]  # "": no name
     path = raw_zip(tmp_path / "odd.zip", with_good_images(*odd))
     dataset = ZipImageDataset(path, "train", SIZE)
     assert len(dataset) == 4

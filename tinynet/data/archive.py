@@ -112,7 +112,8 @@ def _list_zip(archive: zipfile.ZipFile, split: str):
     skipped = []
     for info in archive.infolist():
         parts = info.filename.split("/")
-        if info.is_dir() or parts[0] != split or any(part.startswith(".") for part in parts):
+        # endswith, not info.is_dir(): that raises IndexError for a member whose name is empty
+        if info.filename.endswith("/") or parts[0] != split or any(part.startswith(".") for part in parts):
             continue
         if len(parts) < 3 or not parts[1]:  # "train/x.png", a file named "train", "train//x.png"
             skipped.append(SkippedFile(f"{archive.filename}/{info.filename}", NOT_IN_A_CLASS_FOLDER))
