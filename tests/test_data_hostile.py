@@ -309,3 +309,12 @@ def test_odd_member_names_and_long_library_messages_stay_one_bounded_line(tmp_pa
     message = str(refused.value)
     assert "classes.tsv cannot be read (BadZipFile: File name in directory" in message
     assert len(message) < 400 and "\n" not in message and "characters)" in message
+
+
+def test_a_decoded_array_that_cannot_fit_in_memory_is_refused_before_it_is_allocated(tmp_path, monkeypatch):
+    root = good_folder(tmp_path / "data")
+    monkeypatch.setattr(decode, "_physical_memory", lambda: 4 << 20, raising=False)  # a machine of 4 MiB
+    with pytest.raises(ValueError, match=r"4 images of 1024x1024 pixels need 12.0 MiB decoded, more than half of "
+                                         r"this machine's 4.0 MiB of memory; use a smaller image size"):
+        ImageFolder(root, 1024)
+    assert len(ImageFolder(root, 16)) == 4  # 3 kB fit

@@ -278,9 +278,13 @@ def check_fits_in_memory(count: int, size: tuple[int, int], owner: str) -> None:
     need = count * size[0] * size[1] * 3
     memory = _physical_memory()
     if memory is not None and need > memory // 2:
-        raise ValueError(f"{owner}: {count:,} images of {size[0]}x{size[1]} pixels need {need / 2**30:,.1f} GiB "
-                         f"decoded, more than half of this machine's {memory / 2**30:,.1f} GiB of memory; use a "
+        raise ValueError(f"{owner}: {count:,} images of {size[0]}x{size[1]} pixels need {_in_units(need)} "
+                         f"decoded, more than half of this machine's {_in_units(memory)} of memory; use a "
                          f"smaller image size or fewer images per class")
+
+
+def _in_units(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
 def decode_all(sources: Sequence[str], read: Callable[[str], bytes], size: tuple[int, int],
