@@ -64,8 +64,8 @@ import numpy as np
 
 from tinynet import backend, distributed, nn, optim
 from tinynet.data import DataLoader, ZipImageDataset, random_crop_flip_batch
-from tinynet.experiment import (CommandLineParser, UsageError, check_device, check_output_folder, hardware,
-                                run_command)
+from tinynet.cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size,
+                         check_output_folder, check_seed, hardware, remove_stale_temporaries, run_command, write_json)
 from tinynet.io import save_weights
 from tinynet.models import resnet18
 from tinynet.nn.module import no_grad
@@ -116,6 +116,11 @@ def check_args(args) -> None:
     for name in ("epochs", "size", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_image_size("--size", args.size)
+    check_seed(args.seed)
+    if args.batch_size == 1:
+        raise UsageError("--batch-size 1: ResNet18's BatchNorm layers cannot train on one image at a time (a variance "
+                         "needs two values); use 2 or more")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of images per class, got {args.limit}")
     if not 0 <= args.padding <= args.size:
@@ -140,8 +145,13 @@ def check_args(args) -> None:
 
 
 def recipe(args) -> dict:
-    """The settings that define the training run (a resumed run must use the same)."""
-    return {"model": "resnet18, torchvision layout, fc 512 -> 188", "size": args.size,
+    """The settings that define the training run (a resumed run must use the same).
+
+    ``--resume`` refuses a change of any of them, naming it and both values;
+    ``--time-budget``, ``--device``, ``--save``, ``--cache-dir`` and
+    ``--no-progress`` are honoured.
+    """
+    return {"model": "resnet18, torchvision layout, fc 512 -> 188", "epochs": args.epochs, "size": args.size,
             "batch_size": args.batch_size, "optimizer": "SGD, Nesterov", "lr": args.lr, "momentum": args.momentum,
             "weight_decay": args.weight_decay, "schedule": "cosine to 0, stepped per epoch",
             "augmentation": f"random crop, zero padding {args.padding}, horizontal flip",
@@ -291,8 +301,8 @@ def plan_epochs(args, speed: dict, train_items: int, val_items: int, seconds_lef
 
 
 def write_plan(out: pathlib.Path, args, epochs: int) -> None:
-    """Record the epochs the learning rate is annealed over, for ``--resume``."""
-    (out / PLAN_FILE).write_text(json.dumps({"epochs": epochs, "recipe": recipe(args)}, indent=2))
+    """Record the epochs the learning rate is annealed over, for ``--resume`` (atomically: a kill keeps the old)."""
+    write_json(out / PLAN_FILE, {"epochs": epochs, "recipe": recipe(args)})
 
 
 def resumed_plan(args, out: pathlib.Path) -> int | None:
@@ -300,7 +310,15 @@ def resumed_plan(args, out: pathlib.Path) -> int | None:
     path = out / PLAN_FILE
     if not (args.resume and path.exists()):
         return None
-    plan = json.loads(path.read_text())
+    try:
+        plan = json.loads(path.read_bytes()[:1 << 20])  # a plan is a few hundred bytes
+        valid = (isinstance(plan, dict) and isinstance(plan.get("recipe"), dict)
+                 and isinstance(plan.get("epochs"), int) and plan["epochs"] >= 1)
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        valid, plan = False, error
+    if not valid:
+        raise UsageError(f"--resume: {str(path)!r} is damaged (expected a JSON object with the planned epochs "
+                         f"and the recipe); delete it to plan the schedule again from --epochs")
     for key, value in recipe(args).items():
         if plan["recipe"].get(key) != value:
             raise UsageError(f"--resume: the run in {str(out)!r} was started with {key} = "
@@ -316,6 +334,9 @@ def run(args, log=print) -> dict:
     is_main = comm is None or comm.is_main
     log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
+    if is_main:  # rank 0 alone writes in the output folder, so it alone tidies it
+        for path in remove_stale_temporaries(out, {"checkpoint.npz", PLAN_FILE}):
+            log(f"removed {path}, a temporary file left by a run that was killed while writing")
     manual_seed(args.seed)
     if not is_main:  # rank 0 decodes the photos and writes the cache; the others then read it
         comm.barrier(timeout=math.inf)
@@ -331,6 +352,7 @@ def run(args, log=print) -> dict:
         train_loader = distributed.DistributedLoader.wrap(train_loader, comm)
         val_loader = distributed.DistributedLoader.wrap(val_loader, comm)
 
+    epochs = resumed_plan(args, out)  # before the measurement: a refused --resume is refused at once
     speed = measure_speed(args, train_loader, val_loader, len(classes))
     if comm is not None:
         keys = ("loader_images_per_second", "step_images_per_second", "eval_images_per_second")
@@ -342,7 +364,6 @@ def run(args, log=print) -> dict:
         f"{'it never starves the step' if ratio > 2 else 'it limits training'}), evaluation "
         f"{speed['eval_images_per_second']:,.0f} img/s")
     deadline = started + args.time_budget * 60 if args.time_budget else None
-    epochs = resumed_plan(args, out)
     if epochs is None:
         epochs = plan_epochs(args, speed, len(train_loader) * args.batch_size, len(val),
                              deadline - time.perf_counter() if deadline else None, log)
@@ -373,11 +394,15 @@ def run(args, log=print) -> dict:
     history = fit(net, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, epochs, device=args.device,
                   scheduler=scheduler, checkpoint_path=out / "checkpoint.npz", resume=args.resume,
                   progress=not args.no_progress and is_main,
-                  extra={"model": "resnet18-pretrain", "classes": classes, "seed": args.seed},
+                  extra={"model": "resnet18-pretrain", "classes": classes, "seed": args.seed, "recipe": recipe(args)},
                   log=log, time_budget=deadline - time.perf_counter() if deadline else None,
                   distributed=distributed.FitHooks(comm) if comm is not None else None)
-    if not is_main:  # rank 0 writes the weights and the summary
+    if not is_main:  # rank 0 checks and writes the weights and the summary
         return {}
+    for epoch in history.epochs:
+        if not math.isfinite(epoch.val_loss):
+            raise FailedRun(f"the validation loss of epoch {epoch.epoch} is {epoch.val_loss}: the model's outputs "
+                            f"are not finite numbers, so no weights or accuracy are reported")
 
     save_weights(net.state_dict(), args.save)
     last = history.epochs[-1]
@@ -402,7 +427,7 @@ def run(args, log=print) -> dict:
         "hardware": hardware(args.device),
         "classes": classes,
     }
-    args.save.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_json(args.save.with_suffix(".json"), summary)
     top5 = f", top-5 {100 * last.val_top5:.1f} %" if last.val_top5 is not None else ""
     log(f"validation after {len(history.epochs)} epochs: top-1 {100 * last.val_acc:.1f} %{top5}")
     log(f"weights written to {args.save} (and {args.save.with_suffix('.json').name}); fine-tune with\n"
@@ -418,4 +443,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    backend.keep_freed_host_memory()  # glibc keeps freed arrays for reuse: ~10 % of a step (see its docstring)
     sys.exit(main())

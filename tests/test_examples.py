@@ -104,3 +104,35 @@ def test_short_cnn_run_on_real_photos_learns(tmp_path):
     assert metrics["images"] == 1997 and metrics["skipped_files"] == 0 and len(metrics["classes"]) == 22
     chance = 1 / 22
     assert metrics["best_val_accuracy"] > 3 * chance, metrics["best_val_accuracy"]
+
+
+def test_a_figure_or_metrics_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from tinynet import cli, plots
+    from tinynet.train import EpochStats, History
+
+    history = History([EpochStats(1, 1.0, 0.5, 1.1, 0.4, 2.0, 50.0, 1e-3),
+                       EpochStats(2, 0.8, 0.6, 1.0, 0.5, 2.0, 50.0, 1e-3)])
+    path = plots.plot_curves(history, tmp_path / "curves.png")
+    before = path.read_bytes()
+    savefig = Figure.savefig
+
+    def dying(self, target, **kwargs):  # half a PNG written, then the process is stopped
+        savefig(self, target, **kwargs)
+        if isinstance(target, (str, os.PathLike)):  # how plots wrote before the fix: straight to the file
+            os.truncate(target, 100)
+        else:
+            target.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", dying)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_curves(history, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+    cli.write_json(tmp_path / "metrics.json", {"accuracy": 0.5})
+    monkeypatch.setattr(cli.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_json(tmp_path / "metrics.json", {"accuracy": 0.9})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 0.5}

@@ -111,6 +111,12 @@ def test_process_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path,
     # What the kill left behind is the hidden temporary file, never a half checkpoint under the real name.
     leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint.npz.")
+    # The next run in the folder removes it (and only such files), and says so.
+    (out / ".notes.tmp").write_text("someone else's")
+    result = run_cli("cnn", "--data", data, "--out", out, *QUICK, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"removed {out / leftovers[0]}, a temporary file left by a run that was killed" in result.stdout
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [".notes.tmp"]
 
 
 def test_sigkill_mid_epoch_then_resume_reaches_the_uninterrupted_weights(tmp_path, uninterrupted):
@@ -128,15 +134,20 @@ def test_sigkill_mid_epoch_then_resume_reaches_the_uninterrupted_weights(tmp_pat
     assert_same_state(state_of(out / "checkpoint.npz"), expected)
 
 
-def test_sigint_mid_epoch_saves_exits_130_and_resume_reaches_the_uninterrupted_weights(tmp_path, uninterrupted):
+# SIGTERM (kill, a batch scheduler, a container stop) is handled as Ctrl-C; before the fix it ended the
+# process at once (-15), nothing saved and no message.
+@pytest.mark.parametrize("signum, status, how", [(signal.SIGINT, 130, ""),
+                                                 (signal.SIGTERM, 143, "terminated (SIGTERM): ")], ids=["int", "term"])
+def test_sigint_or_sigterm_mid_epoch_saves_exits_and_resume_reaches_the_uninterrupted_weights(
+        tmp_path, uninterrupted, signum, status, how):
     expected, data = uninterrupted
     out = tmp_path / "out"
     process = start_cli("cnn", "--data", data, "--out", out, *QUICK, fault=("pause", 4, tmp_path / "paused"))
-    process.send_signal(signal.SIGINT)  # Ctrl-C in epoch 2, batch 2
+    process.send_signal(signum)  # in epoch 2, batch 2
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
+    assert process.returncode == status, stderr
     assert "Traceback" not in stderr
-    assert "interrupted in epoch 2 after 1 batches" in stderr and "--resume" in stderr
+    assert f"{how}interrupted in epoch 2 after 1 batches" in stderr and "--resume" in stderr
     meta = load_checkpoint(out / "checkpoint.npz", simple_cnn(2, image_size=16))
     assert (meta["epoch"], meta["batch"]) == (1, 1)
 

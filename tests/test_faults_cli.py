@@ -9,14 +9,17 @@ without write permission, and Ctrl-C outside the training loop.  Signals sent
 to real processes are in test_faults_checkpoints.py.
 """
 import errno
+import json
 import os
 import pathlib
+import shutil
 
+import numpy as np
 import pytest
 
 from tinynet import experiment
 
-from fault_inject import call_main, image_folder
+from fault_inject import QUICK, call_main, image_folder
 
 
 @pytest.mark.parametrize("model, args, message", [
@@ -31,6 +34,10 @@ from fault_inject import call_main, image_folder
     ("cnn", ["--device", "tpu"], "unknown device 'tpu': expected 'cpu' or 'cuda'"),
     ("resnet", ["--pretrained", "/nonexistent/resnet18.pth"], "pretrained weights file '/nonexistent/resnet18.pth' "
                                                               "does not exist"),
+    ("cnn", ["--seed", "-1"], "--seed must lie in 0..4294967295, got -1"),
+    ("cnn", ["--seed", str(2**32)], "--seed must lie in 0..4294967295, got 4294967296"),
+    ("cnn", ["--image-size", "100000"], "--image-size must lie in 1..512 pixels, got 100000"),
+    ("resnet", ["--image-size", "4096"], "--image-size must lie in 1..512 pixels, got 4096"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_option_values_are_one_line_exit_2(tmp_path, capsys, model, args, message):
     status, _, err = call_main(capsys, model, *args, "--out", tmp_path / "out")
@@ -83,3 +90,109 @@ def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path, capsys, monkeypat
     status, _, err = call_main(capsys, "cnn", "--data", image_folder(tmp_path / "data"), "--out", tmp_path / "out")
     assert status == 130  # before the fix: the KeyboardInterrupt's traceback
     assert err.strip() == "train_cnn.py: interrupted outside training; every checkpoint written so far is intact"
+
+
+# ---------------------------------------------------------------------------
+# --resume: a setting that differs from the run's is refused, never silently replaced
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("finished")
+    data = image_folder(base / "data")
+    status = experiment.main("cnn", [str(a) for a in ("--data", data, "--out", base / "out", *QUICK)])
+    assert status == 0
+    return data, base / "out"
+
+
+@pytest.mark.parametrize("option, value, setting, before, after", [
+    ("--lr", "0.0005", "lr", "0.001", "0.0005"),  # before the fix: the checkpoint's 0.001 ran, 0.0005 was reported
+    ("--batch-size", "5", "batch_size", "7", "5"),
+    ("--augment", None, "augment", "False", "True"),
+    ("--limit", "8", "limit", "None", "8"),
+])
+def test_resume_refuses_a_changed_setting_naming_it_and_both_values(tmp_path, capsys, finished_run, option, value,
+                                                                     setting, before, after):
+    data, finished = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    checkpoint = (out / "checkpoint.npz").read_bytes()
+    quick = [a for a in QUICK]
+    if option in quick:
+        quick[quick.index(option) + 1] = value
+    else:
+        quick += [option] + ([value] if value is not None else [])
+    status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *quick, "--epochs", "3", "--resume")
+    assert status == 2, err
+    assert f"its {setting} is {before}, this run's is {after}" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoint.npz").read_bytes() == checkpoint
+
+
+def test_resume_honours_more_epochs_and_metrics_record_what_ran(tmp_path, capsys, finished_run):
+    data, finished = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    status, stdout, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK, "--epochs", "3", "--resume",
+                                    "--device", "cpu")
+    assert status == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["history"]["epochs"]] == [1, 2, 3]
+    assert {e["lr"] for e in metrics["history"]["epochs"]} == {metrics["config"]["lr"]} == {0.001}
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm and a training batch of one image
+# ---------------------------------------------------------------------------
+RESNET_QUICK = ("--limit", "12", "--image-size", "32", "--epochs", "1", "--no-tsne", "--no-progress")
+
+
+def test_resnet_last_training_batch_of_one_is_dropped_and_said(tmp_path, capsys):
+    # The digits, 12 per class: 84 training images, so batches of 83 leave one image for the last batch.
+    status, out, err = call_main(capsys, "resnet", *RESNET_QUICK, "--batch-size", "83", "--out", tmp_path / "out")
+    assert status == 0, err  # before the fix: BatchNorm's ValueError, a traceback
+    assert "the last training batch would hold one image, which BatchNorm cannot train on: it is left out" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["last_training_batch_dropped"] is True and np.isfinite(metrics["test"]["accuracy"])
+
+
+def test_resnet_batch_size_one_is_one_line_exit_2(tmp_path, capsys):
+    status, _, err = call_main(capsys, "resnet", *RESNET_QUICK, "--batch-size", "1", "--out", tmp_path / "out")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--batch-size 1: ResNet's BatchNorm layers cannot train on one image at a time" in err
+
+
+# ---------------------------------------------------------------------------
+# A loss that is not a number is a failure, never a result
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["validation", "test"])
+def test_non_finite_validation_or_test_loss_is_a_failure_not_a_result(tmp_path, capsys, monkeypatch, where):
+    from tinynet import train
+
+    evaluate = train.evaluate
+    calls = []
+
+    def poisoned(model, loader, loss_fn=None, device="cpu", **kwargs):
+        result = evaluate(model, loader, loss_fn, device, **kwargs)
+        calls.append(1)
+        # fit evaluates the validation set once per epoch (2 epochs), then run() the test set
+        if (where == "validation" and len(calls) == 2) or (where == "test" and len(calls) == 3):
+            result["loss"] = float("nan")
+        return result
+
+    monkeypatch.setattr(train.loop, "evaluate", poisoned)
+    monkeypatch.setattr(experiment, "evaluate", poisoned)
+    status, out, err = call_main(capsys, "cnn", "--data", image_folder(tmp_path / "data"), "--out", tmp_path / "out",
+                                 *QUICK)
+    assert status == 1, (out, err)  # before the fix: exit 0 and "Test accuracy: ..."
+    assert "Test accuracy" not in out and not (tmp_path / "out" / "metrics.json").exists()
+    name = "validation (epoch 2)" if where == "validation" else "test"
+    assert f"the {name} loss is nan" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pretrained_file_of_another_architecture_is_one_line_exit_2(tmp_path, capsys):
+    from tinynet.io import save_weights
+    from tinynet.models import simple_cnn
+
+    weights = save_weights(simple_cnn(2, image_size=16).state_dict(), tmp_path / "cnn.npz")
+    status, _, err = call_main(capsys, "resnet", *RESNET_QUICK, "--out", tmp_path / "out", "--pretrained", weights)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{str(weights)!r}" in err and ("no key matched" in err or "none of the file's" in err), err

@@ -57,10 +57,10 @@ def test_permission_denied_file_is_skipped_and_every_other_image_used(root, monk
     locked = str(root / "cats" / "1.png")
     read_file = folder.read_file
 
-    def refusing_read(path):
+    def refusing_read(path, **bounds):
         if path == locked:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-        return read_file(path)
+        return read_file(path, **bounds)
 
     monkeypatch.setattr(folder, "read_file", refusing_read)
     dataset = ImageFolder(root, SIZE)
@@ -211,7 +211,8 @@ def test_cli_lists_every_skipped_file_in_the_run_folder_and_counts_them(messy_ru
     assert "... and 3 more (all listed in skipped.tsv)" in result.stdout
     rows = (out / "skipped.tsv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "path\treason" and len(rows) == 14
-    assert all(row.endswith("not an image (no format Pillow knows matches its contents)") for row in rows[1:])
+    assert all("\tnot an image in a decoded format (JPEG, PNG, WEBP, BMP, GIF, TIFF): it starts with b'" in row
+               for row in rows[1:])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 21 and metrics["skipped_files"] == 13
 

@@ -222,3 +222,12 @@ def test_evaluate_reports_top5_accuracy_with_more_than_five_classes():
     model, opt, train, val = setup()
     history = fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=1, progress=False, log=None)
     assert history.epochs[0].val_top5 is None  # two classes
+
+
+def test_fit_makes_the_malloc_tuning_call_itself(monkeypatch):
+    # Importing tinynet must change nothing in the process; the glibc tuning is an explicit call that fit makes.
+    calls = []
+    monkeypatch.setattr(tinynet.backend, "keep_freed_host_memory", lambda *a, **k: calls.append(1) or True)
+    model, opt, train, val = setup()
+    fit(model, opt, nn.CrossEntropyLoss(), train, None, epochs=1, progress=False, log=None)
+    assert calls == [1]

@@ -26,44 +26,30 @@ with a one-line message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
-import sys
 import time
 
 import numpy as np
 
-from . import backend, distributed, nn, optim
+from . import distributed, nn, optim
+from .cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size, check_output_folder,
+                  check_seed, hardware, remove_stale_temporaries, run_command, write_json)
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
-from .io import WeightsFileError, load_weights
+from .io import WeightsFileError, load_into
 from .metrics import classification_metrics
 from .models import resnet18, simple_cnn
 from .predict import BestWeights, model_metadata, ship_weights
 from .random import manual_seed
 from .report import mistakes_gallery, write_report
 from .tracking import TrackingUnavailable, Trackers
-from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted, evaluate, fit, predict
+from .train import evaluate, fit, predict
 
-__all__ = ["build_parser", "main", "run", "UsageError", "CommandLineParser", "check_device", "check_output_folder",
-           "hardware", "run_command"]
+__all__ = ["build_parser", "main", "run", "UsageError"]  # the other command-line pieces live in tinynet.cli
 
 DIGITS_NOTE = ("no --data given: using scikit-learn's bundled handwritten digits (1,797 images, 10 classes) "
                "rendered to {size}x{size} RGB, so that the script runs out of the box. Point it at real "
                "photos with --data DIR, where DIR holds one sub-folder of images per class.")
-
-
-class UsageError(Exception):
-    """A problem with the user's input: reported in one line, exit status 2."""
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and exit status 2 (argparse would print the usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(model: str) -> argparse.ArgumentParser:
@@ -109,37 +95,18 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     return parser
 
 
-def check_device(device: str) -> str:
-    """``device`` normalised ("cpu" or "cuda"); a :class:`UsageError` when it is unknown or has no GPU."""
-    try:
-        return backend.check_device(device)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(str(error)) from None
-
-
-def check_output_folder(path) -> pathlib.Path:
-    """Create the folder ``path`` if needed and make sure a file can be written in it."""
-    out = pathlib.Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
-    return out
-
-
-def hardware(device: str) -> dict:
-    """What a run's numbers were measured on, for its metrics file."""
-    return {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__}
+#: The files a run writes into --out (a killed run's temporary files for them are removed at the start).
+OUTPUT_FILES = frozenset({"metrics.json", "checkpoint.npz", "skipped.tsv", "class_distribution.png",
+                          "batch_grid.png", "curves.png", "confusion_matrix.png", "tsne_train_2d.png",
+                          "tsne_validation_2d.png", "tsne_test_3d.png"})
 
 
 def _check_args(args, model: str) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_image_size("--image-size", args.image_size)
+    check_seed(args.seed)
     if model == "cnn" and args.image_size % 16:
         raise UsageError(f"--image-size must be a multiple of 16 for the CNN (its pools divide it by 4, 2 and 2), "
                          f"got {args.image_size}")
@@ -187,28 +154,56 @@ def build_model(model: str, num_classes: int, args, log):
     net = resnet18(num_classes, head="mlp")
     report = None
     if args.pretrained:
-        try:
-            state = load_weights(args.pretrained)
-        except (WeightsFileError, OSError) as error:
+        try:  # the backbone comes from the file; the head (fc.*) keeps its fresh initialisation
+            result = load_into(net, args.pretrained, strict=False, skip_prefixes="fc.")
+        except (WeightsFileError, nn.StateDictError, OSError) as error:  # StateDictError: no key matched
             raise UsageError(f"cannot load pretrained weights {args.pretrained!r}: {error}") from None
-        # The backbone comes from the file; the head (fc.*) keeps its fresh initialisation.
-        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        head = {k: v for k, v in net.state_dict().items() if k.startswith("fc.")}
-        result = net.load_state_dict({**backbone, **head}, strict=False)
-        not_loaded = set(result.unexpected_keys) | {key for key, _, _ in result.mismatched_keys}
-        loaded = [k for k in backbone if k not in not_loaded]
-        report = {"path": str(args.pretrained), "loaded": loaded, "fresh": list(head) + result.missing_keys,
-                  "ignored": [k for k in state if k.startswith("fc.")] + result.unexpected_keys,
+        head = [k for k in net.state_dict() if k.startswith("fc.")]
+        not_loaded = set(result.missing_keys) | {key for key, _, _ in result.mismatched_keys}
+        loaded = [k for k in net.state_dict() if k not in not_loaded and not k.startswith("fc.")]
+        report = {"path": str(args.pretrained), "loaded": loaded, "fresh": head + result.missing_keys,
+                  "ignored": ["fc.* (the file's own head, if it has one)"] + result.unexpected_keys,
                   "mismatched": [list(m) for m in result.mismatched_keys]}
         log(f"pretrained: loaded {len(loaded)} of the backbone's tensors from {args.pretrained}")
         log(f"  freshly initialised: {', '.join(report['fresh'])}")
-        if report["ignored"]:
-            log(f"  ignored from the file: {', '.join(report['ignored'])}")
+        log(f"  ignored from the file: {', '.join(report['ignored'])}")
         if result.mismatched_keys:
             log(f"  not loaded (shape differs): {', '.join(key for key, _, _ in result.mismatched_keys)}")
         if not loaded:
             raise UsageError(f"{args.pretrained!r} holds no ResNet18 backbone weights (no key matched)")
     return net, report
+
+
+def resume_recipe(model: str, args, data_name: str) -> dict:
+    """The settings a resumed run must share with the run it continues (stored in every checkpoint).
+
+    ``--resume`` refuses a change of any of them, naming it and both values
+    (:func:`tinynet.train.load_checkpoint` compares them): the checkpoint's
+    optimizer state would override a new ``--lr``; a new batch size would
+    shift the position a mid-epoch stop resumes from (training images twice,
+    or past the end); the others change the data or the model the saved
+    weights were trained on.  ``--epochs`` (the run continues up to the new
+    total), ``--device``, ``--on-nan``, ``--no-progress`` and ``--no-tsne``
+    are honoured.
+    """
+    recipe = {"data": data_name, "batch_size": args.batch_size, "lr": args.lr, "augment": args.augment,
+              "image_size": args.image_size, "limit": args.limit}
+    if model == "cnn":
+        recipe["softmax_before_loss"] = args.softmax_before_loss
+    else:
+        recipe["pretrained"] = str(args.pretrained) if args.pretrained else None
+    return recipe
+
+
+def _has_batch_norm(net) -> bool:
+    return any(isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) for module in net.modules())
+
+
+def _check_finite(what: str, value) -> None:
+    """A loss that is not a number is a failed run, never a result to report."""
+    if value is not None and not np.isfinite(value):
+        raise FailedRun(f"the {what} loss is {value}: the model's outputs are not finite numbers, so no accuracy "
+                        f"is reported (a diverged run, or weights with NaN or infinite values)")
 
 
 def run(model: str, args, log=print) -> dict:
@@ -220,6 +215,9 @@ def run(model: str, args, log=print) -> dict:
     is_main = comm is None or comm.is_main
     log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
+    if is_main:  # rank 0 alone writes in the output folder, so it alone tidies it
+        for path in remove_stale_temporaries(out, OUTPUT_FILES):
+            log(f"removed {path}, a temporary file left by a run that was killed while writing")
     started = time.time()
     manual_seed(args.seed)
     try:  # an empty folder, a class without usable images, a class too small to split
@@ -237,11 +235,19 @@ def run(model: str, args, log=print) -> dict:
                               transform=augment if args.augment else None, augment_copy=args.augment)
     val_loader = DataLoader(dataset, val_idx, args.batch_size)
     test_loader = DataLoader(dataset, test_idx, args.batch_size)
+
+    net, pretrained_report = build_model(model, len(classes), args, log)
+    if _has_batch_norm(net):  # BatchNorm's batch statistics need two images (PyTorch refuses one as well)
+        if args.batch_size == 1:
+            raise UsageError(f"--batch-size 1: {type(net).__name__}'s BatchNorm layers cannot train on one image "
+                             f"at a time (a variance needs two values); use 2 or more")
+        if train_loader.num_items % args.batch_size == 1:
+            train_loader.drop_last = True
+            log(f"the last training batch would hold one image, which BatchNorm cannot train on: it is left out "
+                f"of every epoch (a different image each epoch, as the order is shuffled)")
     if comm is not None:  # each rank's share of every batch (the test set is evaluated by rank 0 alone)
         train_loader = distributed.DistributedLoader.wrap(train_loader, comm)
         val_loader, whole_val_loader = distributed.DistributedLoader.wrap(val_loader, comm), val_loader
-
-    net, pretrained_report = build_model(model, len(classes), args, log)
     net.to(args.device)
     net.set_input_grad(False)  # the images need no gradient
     optimizer = optim.Adam(net.parameters(), lr=args.lr)
@@ -273,15 +279,18 @@ def run(model: str, args, log=print) -> dict:
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
                   progress=not args.no_progress and is_main,
-                  extra={"model": model, "classes": classes, "seed": args.seed},
+                  extra={"model": model, "classes": classes, "seed": args.seed, **resume_recipe(model, args, data_name)},
                   log=log, on_epoch_end=lambda *state: [callback(*state) for callback in callbacks],
                   distributed=distributed.FitHooks(comm) if comm is not None else None)
     if not is_main:
         return {}
     if comm is not None:
         val_loader = whole_val_loader  # rank 0's figures show every validation image
+    for epoch in history.epochs:
+        _check_finite(f"validation (epoch {epoch.epoch})", epoch.val_loss)
 
     test = evaluate(net, test_loader, loss_fn, args.device)
+    _check_finite("test", test["loss"])
     metrics = classification_metrics(test["labels"], test["predictions"], classes)
     plots.plot_curves(history, out / "curves.png")
     plots.plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png",
@@ -312,6 +321,7 @@ def run(model: str, args, log=print) -> dict:
         "skipped_files": len(getattr(dataset, "skipped", [])),
         "split": {"train": int(len(train_idx)), "validation": int(len(val_idx)), "test": int(len(test_idx))},
         "config": {k: v for k, v in vars(args).items()},
+        "last_training_batch_dropped": train_loader.drop_last,  # a batch of one image, with BatchNorm
         "pretrained": pretrained_report,
         "history": history.to_dict(),
         "best_epoch": best,
@@ -326,7 +336,7 @@ def run(model: str, args, log=print) -> dict:
         "hardware": hardware(args.device),
         "wall_seconds": time.time() - started,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(out / "metrics.json", result)
     write_report(out, result, mistakes)
     trackers.log_run(result, out, test["labels"], test["predictions"])
     log(f"best validation accuracy {result['best_val_accuracy']:.4f} at epoch {best}")
@@ -346,35 +356,3 @@ def main(model: str, argv=None) -> int:
     args = parser.parse_args(argv)
     status = run_command(parser.prog, lambda: run(model, args))
     return distributed.world().finish(status)  # with --distributed, an error on one rank stops them all
-
-
-def run_command(prog: str, job) -> int:
-    """Call ``job()`` and turn the errors a user can cause into a message and an exit status.
-
-    0: done; 2: bad input (:class:`UsageError`, an unusable checkpoint), one
-    line on stderr; 1: the loss became NaN, or a file could not be written (a
-    full disk); 130: Ctrl-C, after the checkpoint was saved.
-    """
-    # A file name that is not valid UTF-8 (or not in the terminal's encoding) is printed with escapes
-    # rather than stopping the run with a UnicodeEncodeError.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    try:
-        job()
-    except (UsageError, CheckpointError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # CheckpointWriteError says which checkpoint is still intact
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as stop:
-        print(f"\n{prog}: {stop}; run again with --resume to continue", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted outside training; every checkpoint written so far is intact", file=sys.stderr)
-        return 130
-    return 0

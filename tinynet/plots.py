@@ -12,13 +12,17 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .io.files import atomic_write
+
 __all__ = ["plot_class_distribution", "plot_batch_grid", "plot_curves", "plot_confusion_matrix", "plot_tsne"]
 
 
 def _save(fig: Figure, path) -> pathlib.Path:
+    """Render ``fig`` to the PNG file ``path`` atomically: a kill midway leaves the old figure or none."""
     path = pathlib.Path(path)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_write(path) as file:
+        fig.savefig(file, format="png", dpi=110, bbox_inches="tight")
     return path
 
 

@@ -12,9 +12,20 @@ Tiny-ImageNet's is stored uncompressed, so reading costs no inflating) and
 decoded once into a uint8 array ``(N, size, size, 3)``: 103,400 images of
 32x32 take about 300 MB.  With ``cache_path`` that array is saved as an
 ``.npz`` file after the first decode, and later runs load it instead.
+
+An archive is read under the bounds a weights file is (:mod:`tinynet.io`),
+so a few kilobytes cannot inflate to gigabytes: only STORED and DEFLATED
+members are read (bzip2 and LZMA, which images never need, reach ratios of a
+million to one and inflate in chunks Python cannot bound); a member that
+declares more than ``max_file_bytes`` is skipped before it is inflated, and
+none is read past that bound whatever it declares; and the members of a split
+may declare at most ``max_total_bytes`` in all, or the archive is refused.
+Each image then passes the checks of :mod:`~tinynet.data.decode` (its
+signature, the allowed formats, the pixel limit).
 """
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import time
@@ -24,13 +35,20 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..io.files import ZIP_READ_ERRORS
 from .datasets import DecodedDataset
-from .decode import DecodeReport, SkippedFile, check_limit, decode_all, image_size, read_file
+from .decode import (MAX_FILE_BYTES, DecodeReport, SkippedFile, UnreadableImage, check_limit, decode_all,
+                     error_text, image_size, read_file, read_image_bytes)
 from .folder import NOT_IN_A_CLASS_FOLDER, find_classes, list_class_files
 
 __all__ = ["ZipImageDataset", "read_class_table"]
 
 CLASS_TABLE = "classes.tsv"
+
+#: The most the members of one split may declare, inflated, in all (bytes): as much as a weights file's
+#: members (``tinynet.io.Limits.max_bytes``), 40 times Tiny-ImageNet-188's 96 MB.  It bounds the time spent
+#: inflating; memory is bounded per member, by ``max_file_bytes``.
+MAX_ARCHIVE_BYTES = 4 << 30
 
 # Written into every cache; a cache whose signature differs was made from
 # other data or other options, or by an older layout of this file, and is rebuilt.
@@ -47,6 +65,41 @@ def read_class_table(text: str) -> dict[str, str]:
     return table
 
 
+# A classes.tsv larger than this is refused: ImageNet-21k's table of 21,841 classes is about 700 kB.
+MAX_CLASS_TABLE_BYTES = 1 << 20
+
+
+def _unreadable_table(source, error: Exception) -> ValueError:
+    return ValueError(f"image archive {source!r}: {CLASS_TABLE} cannot be read ({error_text(error)})")
+
+
+def _class_table_text(stream, source) -> str:
+    """The text of ``classes.tsv`` read from the binary ``stream``, at most :data:`MAX_CLASS_TABLE_BYTES`."""
+    try:
+        raw = stream.read(MAX_CLASS_TABLE_BYTES + 1)
+        if len(raw) > MAX_CLASS_TABLE_BYTES:
+            raise ValueError(f"more than {MAX_CLASS_TABLE_BYTES:,} bytes")
+        return raw.decode("utf-8")
+    except ZIP_READ_ERRORS as error:  # UnicodeDecodeError and our own ValueError too
+        raise _unreadable_table(source, error) from None
+
+
+def _read_class_table_member(archive: zipfile.ZipFile, source) -> str:
+    """The text of the archive's ``classes.tsv``, "" without one."""
+    if CLASS_TABLE not in archive.namelist():
+        return ""
+    info = archive.getinfo(CLASS_TABLE)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"image archive {source!r}: {CLASS_TABLE} uses zip compression method "
+                         f"{info.compress_type}; expected stored (0) or deflated (8)")
+    try:
+        member = archive.open(info)
+    except ZIP_READ_ERRORS as error:
+        raise _unreadable_table(source, error) from None
+    with member:
+        return _class_table_text(member, source)
+
+
 def _list_zip(archive: zipfile.ZipFile, split: str):
     """``({class: [member, ...]}, skipped)`` for the members under ``split/``, in torchvision's order.
 
@@ -59,13 +112,34 @@ def _list_zip(archive: zipfile.ZipFile, split: str):
     skipped = []
     for info in archive.infolist():
         parts = info.filename.split("/")
-        if info.is_dir() or parts[0] != split or any(part.startswith(".") for part in parts):
+        # endswith, not info.is_dir(): that raises IndexError for a member whose name is empty
+        if info.filename.endswith("/") or parts[0] != split or any(part.startswith(".") for part in parts):
             continue
-        if len(parts) == 2:
+        if len(parts) < 3 or not parts[1]:  # "train/x.png", a file named "train", "train//x.png"
             skipped.append(SkippedFile(f"{archive.filename}/{info.filename}", NOT_IN_A_CLASS_FOLDER))
         else:
             by_class[parts[1]].append(info.filename)
     return {name: sorted(members, key=posixpath.split) for name, members in by_class.items()}, skipped
+
+
+def _member_reader(archive: zipfile.ZipFile, max_bytes: int):
+    """``read(name)``: the bytes of the image member ``name``, under the bounds of the module docstring."""
+    def read(name: str) -> bytes:
+        info = archive.getinfo(name)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise UnreadableImage(f"zip compression method {info.compress_type}: only stored (0) and deflated (8) "
+                                  f"members are read")
+        with archive.open(info) as member:  # inflates as it is read: never more than asked for
+            return read_image_bytes(member, info.file_size, max_bytes)
+    return read
+
+
+def _check_total(archive: zipfile.ZipFile, by_class: dict, limit_per_class, max_total_bytes: int, source) -> None:
+    """Refuse the split when the members it would read declare more than ``max_total_bytes``."""
+    total = sum(archive.getinfo(name).file_size for members in by_class.values() for name in members[:limit_per_class])
+    if total > max_total_bytes:
+        raise ValueError(f"image archive {source!r}: the members to read declare {total:,} bytes inflated, more "
+                         f"than the limit of {max_total_bytes:,} (max_total_bytes; raise it if the archive is trusted)")
 
 
 class ZipImageDataset(DecodedDataset):
@@ -85,6 +159,11 @@ class ZipImageDataset(DecodedDataset):
         in bytes and modification time; for an extracted folder only the
         folder's own time is seen, so delete the cache after editing files in it.
     threads : decoding threads (default: one per CPU).
+    max_pixels : refuse images larger than this (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+    max_file_bytes : refuse members (or files) larger than this, inflated
+        (default :data:`~tinynet.data.decode.MAX_FILE_BYTES`, 128 MiB).
+    max_total_bytes : refuse a zip whose members to read declare more than
+        this in all (default :data:`MAX_ARCHIVE_BYTES`, 4 GiB).
     verbose : print the report (images, seconds, images/s, or the cache load).
 
     Classes: the order of ``classes.tsv`` when the source has one (its first
@@ -96,7 +175,9 @@ class ZipImageDataset(DecodedDataset):
     """
 
     def __init__(self, source, split: str = "train", size=32, *, limit_per_class: int | None = None,
-                 cache_path=None, threads: int | None = None, verbose: bool = False):
+                 cache_path=None, threads: int | None = None, max_pixels: int | None = None,
+                 max_file_bytes: int = MAX_FILE_BYTES, max_total_bytes: int = MAX_ARCHIVE_BYTES,
+                 verbose: bool = False):
         self.source = os.fspath(source)
         self.split = split
         check_limit(limit_per_class, "ZipImageDataset")
@@ -108,6 +189,8 @@ class ZipImageDataset(DecodedDataset):
                                        status.st_size, status.st_mtime_ns)))
         arrays = self._load_cache(cache_path, signature) if cache_path is not None else None
         if arrays is None:
+            self._bounds = {"max_pixels": max_pixels, "max_file_bytes": max_file_bytes,
+                            "max_total_bytes": max_total_bytes}
             arrays = self._decode(size, limit_per_class, threads)
             if cache_path is not None:
                 self._save_cache(cache_path, signature, arrays)
@@ -122,13 +205,20 @@ class ZipImageDataset(DecodedDataset):
     def _decode(self, size, limit_per_class, threads) -> dict:
         """List, then decode the split; the arrays a cache stores, plus the report."""
         if zipfile.is_zipfile(self.source):
-            with zipfile.ZipFile(self.source) as archive:
+            try:
+                archive = zipfile.ZipFile(self.source)
+            except ZIP_READ_ERRORS as error:  # a damaged central directory, names that are not text, ...
+                raise ValueError(f"image archive {self.source!r} cannot be opened as a zip file "
+                                 f"({error_text(error)}); it is truncated or corrupt") from None
+            with archive:
                 by_class, skipped = _list_zip(archive, self.split)
                 if not by_class:
                     raise FileNotFoundError(f"image archive {self.source!r} has no images under {self.split}/<class>/")
-                table_text = archive.read(CLASS_TABLE).decode() if CLASS_TABLE in archive.namelist() else ""
-                return self._decode_listed(by_class, skipped, table_text, archive.read, f"{self.source}/",
-                                           size, limit_per_class, threads)
+                _check_total(archive, by_class, limit_per_class, self._bounds["max_total_bytes"], self.source)
+                table_text = _read_class_table_member(archive, self.source)
+                return self._decode_listed(by_class, skipped, table_text,
+                                           _member_reader(archive, self._bounds["max_file_bytes"]),
+                                           f"{self.source}/", size, limit_per_class, threads)
         if not os.path.isdir(self.source):
             raise ValueError(f"image archive {self.source!r} is neither a zip file nor a folder")
         split_dir = os.path.join(self.source, self.split)
@@ -142,9 +232,10 @@ class ZipImageDataset(DecodedDataset):
         table_path = os.path.join(self.source, CLASS_TABLE)
         table_text = ""
         if os.path.isfile(table_path):
-            with open(table_path, encoding="utf-8") as file:
-                table_text = file.read()
-        return self._decode_listed(by_class, skipped, table_text, read_file, "", size, limit_per_class, threads)
+            with open(table_path, "rb") as file:
+                table_text = _class_table_text(file, self.source)
+        read = functools.partial(read_file, max_bytes=self._bounds["max_file_bytes"])
+        return self._decode_listed(by_class, skipped, table_text, read, "", size, limit_per_class, threads)
 
     def _decode_listed(self, by_class, skipped, table_text, read, path_prefix, size, limit_per_class,
                        threads) -> dict:
@@ -160,7 +251,7 @@ class ZipImageDataset(DecodedDataset):
             members = by_class.get(name, [])[:limit_per_class]
             sources += members
             labels += [label] * len(members)
-        images, kept, unreadable, report = decode_all(sources, read, size, threads)
+        images, kept, unreadable, report = decode_all(sources, read, size, threads, self._bounds["max_pixels"])
         labels = np.asarray(labels, dtype=np.int64)[kept]
         empty = [classes[k] for k in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)]
         if empty:

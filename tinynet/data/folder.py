@@ -29,12 +29,14 @@ Where this reader differs from torchvision's:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 from .datasets import DecodedDataset
-from .decode import SkippedFile, check_limit, decode_all, describe_error, image_size, read_file
+from .decode import (MAX_FILE_BYTES, SkippedFile, check_limit, decode_all, describe_error, image_size,
+                     read_file)
 
 __all__ = ["ImageFolder", "find_classes", "list_class_files", "NOT_IN_A_CLASS_FOLDER"]
 
@@ -113,6 +115,8 @@ class ImageFolder(DecodedDataset):
     threads : decoding threads (default: one per CPU).
     max_pixels : refuse images larger than this (default: Pillow's
         ``Image.MAX_IMAGE_PIXELS``).
+    max_file_bytes : refuse files larger than this without reading them
+        (default :data:`~tinynet.data.decode.MAX_FILE_BYTES`, 128 MiB).
     verbose : print the decode report (images, seconds, images/s).
 
     Attributes besides the dataset interface: ``root``; ``samples``, the
@@ -126,7 +130,7 @@ class ImageFolder(DecodedDataset):
     """
 
     def __init__(self, root, size=64, *, limit_per_class: int | None = None, threads: int | None = None,
-                 max_pixels: int | None = None, verbose: bool = False):
+                 max_pixels: int | None = None, max_file_bytes: int = MAX_FILE_BYTES, verbose: bool = False):
         check_limit(limit_per_class, "ImageFolder")
         self.root = os.fspath(root)
         classes, skipped = find_classes(self.root)
@@ -143,7 +147,8 @@ class ImageFolder(DecodedDataset):
             files += class_files
             labels += [label] * len(class_files)
 
-        images, kept, unreadable, report = decode_all(files, read_file, image_size(size), threads, max_pixels)
+        read = functools.partial(read_file, max_bytes=max_file_bytes)
+        images, kept, unreadable, report = decode_all(files, read, image_size(size), threads, max_pixels)
         labels = np.asarray(labels, dtype=np.int64)[kept]
         empty = np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)
         if len(empty):

@@ -287,6 +287,9 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         raise ValueError("fit: the optimizer holds none of the model's parameters, so training would change "
                          "nothing; build it from this model, e.g. optim.Adam(model.parameters())")
     log = log or (lambda *a, **k: None)
+    # Training allocates and frees the same large arrays every step: let glibc keep them (a setting of
+    # this process's malloc, made here and by the example scripts, never by importing tinynet).
+    backend.keep_freed_host_memory()
     checkpoint_path = pathlib.Path(checkpoint_path) if checkpoint_path else None
     history = History()
     start_epoch, start_batch = 0, 0

@@ -1,0 +1,190 @@
+"""What every tinynet command line shares: one-line errors, checked options, and the exit statuses.
+
+``tinynet.experiment`` (behind ``examples/train_cnn.py`` and
+``examples/train_resnet.py``) and ``examples/pretrain_resnet.py`` build their
+parsers and their ``main`` from these pieces, so that a mistake a user can
+make (a bad option, ``--device cuda`` without a GPU, an output folder that
+cannot be written, an unusable checkpoint) ends every script the same way:
+one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import re
+import signal
+import sys
+
+import numpy as np
+
+from . import backend
+from .io.files import atomic_write
+from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted
+
+__all__ = ["UsageError", "FailedRun", "CommandLineParser", "check_device", "check_output_folder", "check_seed",
+           "check_image_size", "hardware", "run_command", "write_json", "remove_stale_temporaries",
+           "MAX_IMAGE_SIZE"]
+
+#: The largest --image-size / --size accepted.  The decoded dataset grows with its square (N x S x S x 3
+#: bytes), and so does every activation: ResNet18 at 512 px and batch 64 already needs about 40 GB for one
+#: training step.  A larger value would end in a MemoryError (or the kernel's OOM killer) far into the run.
+MAX_IMAGE_SIZE = 512
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+class FailedRun(Exception):
+    """The run ended without a result that can be reported (a loss that is not a number): exit status 1."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line and exit status 2 (argparse would print the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_device(device: str) -> str:
+    """``device`` normalised ("cpu" or "cuda"); a :class:`UsageError` when it is unknown or has no GPU."""
+    try:
+        return backend.check_device(device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+
+
+def check_output_folder(path) -> pathlib.Path:
+    """Create the folder ``path`` if needed and make sure a file can be written in it."""
+    out = pathlib.Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
+    return out
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if NumPy can seed a generator with it (0 .. 2**32 - 1, as ``numpy.random.seed`` wants)."""
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed must lie in 0..{2**32 - 1}, got {seed}")
+    return seed
+
+
+def check_image_size(option: str, size: int) -> int:
+    """``size`` if it lies in 1 .. :data:`MAX_IMAGE_SIZE`; ``option`` names it in the error."""
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"{option} must lie in 1..{MAX_IMAGE_SIZE} pixels, got {size} (the images and every "
+                         f"activation grow with its square)")
+    return size
+
+
+# What tinynet.io.files.atomic_write names its temporary file: ".<target name>.<12 hex digits>.tmp".
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{12}\.tmp")
+
+
+def remove_stale_temporaries(folder, targets) -> list:
+    """Delete the temporary files a killed run left in ``folder`` while writing one of ``targets`` (names).
+
+    A write through :func:`~tinynet.io.files.atomic_write` removes its
+    temporary file when it fails, but a SIGKILL or a power cut gives it no
+    chance.  Only files of exactly that pattern, for the files this program
+    writes, are removed; returns their paths.
+    """
+    removed = []
+    for path in pathlib.Path(folder).iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and match["target"] in targets and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def write_json(path, value) -> pathlib.Path:
+    """Write ``value`` as indented JSON to ``path`` atomically (a kill midway leaves the old file or none)."""
+    path = pathlib.Path(path)
+    with atomic_write(path) as file:
+        file.write(json.dumps(value, indent=2, default=str).encode())
+    return path
+
+
+def hardware(device: str) -> dict:
+    """What a run's numbers were measured on, for its metrics file."""
+    return {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def run_command(prog: str, job) -> int:
+    """Call ``job()`` and turn the errors a user can cause into a message and an exit status.
+
+    0: done; 2: bad input (:class:`UsageError`, an unusable checkpoint), one
+    line on stderr; 1: the loss became NaN (in training, validation or the
+    test), memory ran out, or a file could not be written (a full disk); 130:
+    Ctrl-C, after the checkpoint was saved; 143: SIGTERM (what ``kill``, a
+    batch scheduler or a container stop sends), handled exactly as Ctrl-C.
+    """
+    # A file name that is not valid UTF-8 (or not in the terminal's encoding) is printed with escapes
+    # rather than stopping the run with a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        with _sigterm_as_ctrl_c() as sigterm:
+            job()
+    except (UsageError, CheckpointError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, FailedRun) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{prog}: error: out of memory; lower --batch-size or the image size", file=sys.stderr)
+        return 1
+    except OSError as error:  # CheckpointWriteError says which checkpoint is still intact
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as stop:
+        how = "terminated (SIGTERM): " if sigterm.received else ""
+        print(f"\n{prog}: {how}{stop}; run again with --resume to continue", file=sys.stderr)
+        return 143 if sigterm.received else 130
+    except KeyboardInterrupt:
+        how = "terminated (SIGTERM)" if sigterm.received else "interrupted"
+        print(f"\n{prog}: {how} outside training; every checkpoint written so far is intact", file=sys.stderr)
+        return 143 if sigterm.received else 130
+    return 0
+
+
+class _sigterm_as_ctrl_c:
+    """Within the block, SIGTERM raises KeyboardInterrupt, so that training saves and stops as on Ctrl-C.
+
+    Further SIGTERMs are then ignored, so that the checkpoint being written
+    is finished (as :func:`~tinynet.train.fit` ignores a second Ctrl-C).
+    Outside the main thread signals cannot be handled, and nothing changes.
+    """
+
+    received = False
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
