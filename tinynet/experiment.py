@@ -98,7 +98,8 @@ def build_parser(model: str) -> argparse.ArgumentParser:
 #: The files a run writes into --out (a killed run's temporary files for them are removed at the start).
 OUTPUT_FILES = frozenset({"metrics.json", "checkpoint.npz", "skipped.tsv", "class_distribution.png",
                           "batch_grid.png", "curves.png", "confusion_matrix.png", "tsne_train_2d.png",
-                          "tsne_validation_2d.png", "tsne_test_3d.png"})
+                          "tsne_validation_2d.png", "tsne_test_3d.png", "report.html", "best.safetensors",
+                          "last.safetensors"})
 
 
 def _check_args(args, model: str) -> None:

@@ -22,6 +22,8 @@ import pathlib
 
 import numpy as np
 
+from .io.files import atomic_write
+
 __all__ = ["confident_mistakes", "mistakes_gallery", "write_report"]
 
 FIGURE_TITLES = {
@@ -168,7 +170,8 @@ def write_report(out, result: dict, mistakes=(), path=None) -> pathlib.Path:
     parts += ["<h2>Configuration</h2>", _table(config, ["option", "value"]),
               f"<p class='note'>hardware: {html.escape(json.dumps(result.get('hardware', {})))}; "
               f"{result.get('wall_seconds', 0):.0f} s in all.</p>", "</body></html>"]
-    path.write_text("\n".join(parts), encoding="utf-8")
+    with atomic_write(path) as file:  # a kill midway leaves the old page or none, never half of one
+        file.write("\n".join(parts).encode("utf-8"))
     return path
 
 
