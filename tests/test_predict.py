@@ -261,3 +261,27 @@ def test_real_photos_get_the_training_pipelines_pixels(trained):
     assert not skipped
     x, _ = next(iter(DataLoader(ArrayDataset(images, np.zeros(len(files), np.int64), ["any"]), None, len(files))))
     np.testing.assert_array_equal(seen[0], x)  # decoded, resized and normalised exactly as for training
+
+
+@pytest.mark.parametrize("edit", [{"model": "resnet", "width": 10 ** 6}, {"image_size": 10 ** 6},
+                                  {"classes": [str(i) for i in range(2 * 10 ** 6)]}, {"width": -3},
+                                  {"image_size": True}])
+def test_metadata_that_would_build_a_huge_model_is_refused_before_building(tmp_path, edit):
+    """The metadata is someone else's text: it is bounded before a model is built from it."""
+    import subprocess
+    import sys
+
+    from tinynet.models import resnet18
+
+    net = resnet18(3, width=8)
+    meta = {**model_metadata("resnet", net, list("abc"), 32), **edit}
+    path = tmp_path / "hostile.safetensors"
+    save_file({k: np.asarray(v) for k, v in net.state_dict().items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from tinynet.predict import ModelFileError, load_model\n"
+            "try:\n    load_model(sys.argv[1])\nexcept ModelFileError as e:\n    print('refused:', e); sys.exit(0)\n"
+            "sys.exit('loaded')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("refused:"), result.stdout + result.stderr[-400:]
+    assert len(result.stdout) < 400

@@ -49,6 +49,7 @@ import numpy as np
 
 from . import backend
 from .io import WeightsFileError, check_state_values, load_weights, save_weights
+from .cli import MAX_IMAGE_SIZE
 from .io.files import short_repr
 from .data.decode import decode_rgb, describe_error, image_size, read_file
 from .data.transforms import Normalize
@@ -64,6 +65,18 @@ FORMAT = "tinynet-model/1"
 REQUIRED = ("model", "classes", "image_size", "mean", "std")
 # What find_images picks up when it walks a folder (a file named explicitly is always tried).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+
+#: Bounds on what a model file's metadata may ask for (torchvision's ResNet18 has width 64, ImageNet 1,000
+#: classes; the image size is the command line's bound, tinynet.cli.MAX_IMAGE_SIZE).
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 200
+MAX_WIDTH = 1024
+
+
+def _is_int_in(value, low: int, high: int) -> bool:
+    """An int (not a bool, which JSON's true would give) in ``low..high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class ModelFileError(ValueError):
@@ -128,16 +141,24 @@ def build_model(meta: dict, where: str = "model file"):
     """A freshly initialised model of the kind and shape ``meta`` describes."""
     from .models import resnet18, simple_cnn
 
+    # The metadata is someone else's text: every number that sizes the model (or the images) is bounded
+    # before anything is built, so a file cannot ask for a terabyte of weights.
     classes, size = meta["classes"], meta["image_size"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise ModelFileError(f"{where}: metadata 'classes' must be a non-empty list of names, got {short_repr(classes)}")
-    if not (isinstance(size, int) and size > 0):
-        raise ModelFileError(f"{where}: metadata 'image_size' must be a positive integer, got {short_repr(size)}")
+    if not (isinstance(classes, list) and 0 < len(classes) <= MAX_CLASSES
+            and all(isinstance(c, str) and len(c) <= MAX_CLASS_NAME for c in classes)):
+        raise ModelFileError(f"{where}: metadata 'classes' must be a list of 1 to {MAX_CLASSES:,} names of at most "
+                             f"{MAX_CLASS_NAME} characters, got {short_repr(classes)}")
+    if not _is_int_in(size, 1, MAX_IMAGE_SIZE):
+        raise ModelFileError(f"{where}: metadata 'image_size' must be an integer in 1..{MAX_IMAGE_SIZE}, "
+                             f"got {short_repr(size)}")
+    width = meta.get("width", 64)
+    if meta["model"] == "resnet" and not _is_int_in(width, 1, MAX_WIDTH):
+        raise ModelFileError(f"{where}: metadata 'width' must be an integer in 1..{MAX_WIDTH}, got {short_repr(width)}")
     try:
         if meta["model"] == "cnn":
             return simple_cnn(len(classes), image_size=size, softmax_before_loss=bool(meta.get("softmax_before_loss")))
         if meta["model"] == "resnet":
-            return resnet18(len(classes), head=meta.get("head", "mlp"), width=int(meta.get("width", 64)))
+            return resnet18(len(classes), head=meta.get("head", "mlp"), width=width)
     except ValueError as error:
         raise ModelFileError(f"{where}: {error}") from None
     raise ModelFileError(f"{where}: unknown model {short_repr(meta['model'])} (expected 'cnn' or 'resnet')")
