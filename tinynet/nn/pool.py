@@ -147,10 +147,11 @@ def _max_pool_chwn(xc, kernel, stride, padding, out_size, index_dtype):
         xp.maximum(best, cand, out=best)  # maximum propagates NaN: out is NaN where a window holds one
     # Where the maximum is NaN, the loop's comparisons (all False against NaN) routed nowhere in
     # particular; the gradient belongs to the window's last NaN (PyTorch's rule).  One test of the
-    # output in the common case; on CuPy (this code runs there only without fused kernels) the
-    # fix-up always runs, to avoid a device-to-host synchronisation.
-    nan_out = xp.isnan(out)
-    if xp is not np or nan_out.any():
+    # output in the common case (its maximum is NaN exactly when one entry is: one reduction, no
+    # temporary array); on CuPy (this code runs there only without fused kernels) the fix-up always
+    # runs, to avoid a device-to-host synchronisation.
+    if xp is not np or (out.size and np.isnan(out.max())):
+        nan_out = xp.isnan(out)
         for i, j, rows, cols, in_rows, in_cols in cells:
             at_nan = nan_out[:, rows, cols] & xp.isnan(xc[:, in_rows, in_cols])
             arg = argmax[:, rows, cols]
