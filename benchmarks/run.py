@@ -96,6 +96,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def isa() -> str:
+    """The widest x86 vector extension the CPU reports (AVX-512, AVX2, ...), from /proc/cpuinfo's flags."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+                    if flag in flags:
+                        return name
+                break
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
 # ---------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------
@@ -258,6 +273,7 @@ def run(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device,
         "cpu": cpu_name(),
+        "isa": isa(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -276,7 +292,8 @@ def run(args) -> dict:
         header["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         header["cupy"] = cupy.__version__
 
-    print(f"tinynet benchmarks on {device}: {header.get('gpu', header['cpu'])}, {threads} threads, batch {args.batch}")
+    print(f"tinynet benchmarks on {device}: {header.get('gpu', header['cpu'])} ({header['isa']}), {threads} threads, "
+          f"batch {args.batch}")
     for info in header["blas"]:
         print(f"  NumPy BLAS: {info['internal_api']} {info['version']}, kernel {info['architecture']}, "
               f"{info['num_threads']} threads")

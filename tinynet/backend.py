@@ -46,6 +46,9 @@ __all__ = [
     "copy_to_device_of",
     "elementwise_kernel",
     "keep_freed_host_memory",
+    "num_threads",
+    "set_num_threads",
+    "parallel_for",
     "cuda_collectives",
 ]
 
@@ -239,6 +242,100 @@ def scratch(name: str, shape, dtype, like):
     if buf is None or buf.size < size:
         buf = buffers[key] = numpy.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Threads for the memory-bound passes
+# ---------------------------------------------------------------------------
+_pool_lock = threading.Lock()
+_pool = None  # concurrent.futures.ThreadPoolExecutor, made at the first parallel_for that splits
+_pool_workers = 0
+_num_threads = None  # None: one per CPU this process may run on
+_in_pool = threading.local()
+
+#: Below this many elements a pass is not split: handing work to a thread costs ~20-50 us.
+PARALLEL_MIN_ELEMENTS = 1 << 17
+
+
+def num_threads() -> int:
+    """Threads :func:`parallel_for` splits a pass over (default: the CPUs this process may use)."""
+    if _num_threads is not None:
+        return _num_threads
+    try:
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        import os
+
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` threads for the memory-bound passes (1: run them on the calling thread; None: the default).
+
+    The matrix products are not affected: their thread count is the BLAS library's own.
+    """
+    global _num_threads, _pool, _pool_workers
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads: expected a positive int or None, got {n!r}")
+    with _pool_lock:
+        _num_threads = n
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool, _pool_workers = None, 0
+
+
+def _get_pool(workers: int):
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinynet",
+                                       initializer=setattr, initargs=(_in_pool, "active", True))
+            _pool_workers = workers
+        return _pool
+
+
+def parallel_for(n: int, body, elements: int | None = None) -> None:
+    """Run ``body(start, stop)`` over consecutive pieces of ``range(n)``, one per thread, and wait.
+
+    For the memory-bound passes (copies, element-wise ufuncs, per-channel
+    reductions): NumPy releases the GIL inside them, so pieces of one pass on
+    two threads use two cores while the matrix products are BLAS's own
+    threads.  ``body`` must write only its own piece (pieces never overlap)
+    and must not call a matrix product (BLAS would run threads inside
+    threads).  ``elements`` is the size of the whole pass: below
+    :data:`PARALLEL_MIN_ELEMENTS`, or on one thread, or when called from
+    inside a piece, ``body(0, n)`` runs here.  The calling thread runs the
+    first piece itself; an exception in any piece is raised here after all
+    pieces have ended.  CuPy arrays need no host threads: pass them straight
+    to ``body(0, n)`` (callers do, by testing :func:`is_cupy_array`).
+    """
+    threads = min(num_threads(), n)
+    if threads <= 1 or (elements is not None and elements < PARALLEL_MIN_ELEMENTS) or getattr(_in_pool, "active", False):
+        body(0, n)
+        return
+    bounds = [n * k // threads for k in range(threads + 1)]
+    futures = [_get_pool(threads - 1).submit(body, bounds[k], bounds[k + 1]) for k in range(1, threads)]
+    error = None
+    _in_pool.active = True  # a parallel_for inside this piece runs whole, as it does on the workers
+    try:
+        body(bounds[0], bounds[1])
+    except BaseException as e:  # noqa: BLE001  (re-raised below, after the other pieces ended)
+        error = e
+    finally:
+        _in_pool.active = False
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as e:  # noqa: BLE001
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
