@@ -84,14 +84,14 @@ def model_macs(model, x_shape, training: bool) -> int:
 # ---------------------------------------------------------------------------
 # tinynet
 # ---------------------------------------------------------------------------
-def _tn_model(name, classes):
-    return simple_cnn(classes) if name == "cnn" else resnet18(classes)
+def _tn_model(name, classes, size=64):
+    return simple_cnn(classes, image_size=size) if name == "cnn" else resnet18(classes)
 
 
 def tinynet_train_step(name, batch, size=64, classes=10):
     def build(device):
         tinynet.manual_seed(0)
-        model = _tn_model(name, classes).to(device)
+        model = _tn_model(name, classes, size).to(device)
         model.set_input_grad(False)
         opt = tinynet.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = nn.CrossEntropyLoss()
@@ -114,7 +114,7 @@ def tinynet_train_step(name, batch, size=64, classes=10):
 def tinynet_eval_forward(name, batch, size=64, classes=10):
     def build(device):
         tinynet.manual_seed(0)
-        model = _tn_model(name, classes).to(device).eval()
+        model = _tn_model(name, classes, size).to(device).eval()
         x = backend.to_device(np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32), device)
 
         def step():
@@ -179,18 +179,18 @@ def _torch():
     return torch
 
 
-def _torch_model(name, classes):
+def _torch_model(name, classes, size=64):
     sys.path.insert(0, str(ROOT / "tests"))
     from tests_torch_models import torch_cnn, torch_resnet18
 
-    return torch_cnn(classes) if name == "cnn" else torch_resnet18(classes)
+    return torch_cnn(classes, size) if name == "cnn" else torch_resnet18(classes)
 
 
 def torch_train_step(name, batch, size=64, classes=10):
     def build(device):
         torch = _torch()
         torch.manual_seed(0)
-        model = _torch_model(name, classes).to(device)
+        model = _torch_model(name, classes, size).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
         x = torch.randn(batch, 3, size, size, device=device)
@@ -212,7 +212,7 @@ def torch_eval_forward(name, batch, size=64, classes=10):
     def build(device):
         torch = _torch()
         torch.manual_seed(0)
-        model = _torch_model(name, classes).to(device).eval()
+        model = _torch_model(name, classes, size).to(device).eval()
         x = torch.randn(batch, 3, size, size, device=device)
 
         def step():

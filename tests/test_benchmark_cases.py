@@ -142,3 +142,31 @@ def test_cpu_rows_record_the_tf32_mode(tmp_path):
     data = json.loads(out.read_text())
     assert data["header"]["tf32_modes"] == [False] and [r["tf32"] for r in data["rows"]] == [False]
     assert run.main(["--tf32", "on", "--json", str(out)]) == 2
+
+
+def test_layer_profile_accounts_for_every_leaf_and_removes_its_timers(capsys):
+    from benchmarks import layers
+    from tinynet.models import simple_cnn
+
+    model = simple_cnn(10, image_size=16)
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    timers = layers.Timers(model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    model.backward(np.ones_like(model(x)))
+    timers.end_step()
+    assert {name for name, _ in timers.steps} == {name for name, m in model.named_modules()
+                                                  if name and not list(m.children())}
+    conv = timers.info["0"]
+    assert conv[1] == 2 * 2 * 16 * 16 * 32 * 3 * 9  # direct forward FLOPs of the first convolution
+    timers.remove()
+    assert {name: dict(m.__dict__) for name, m in model.named_modules()} == before
+
+
+def test_scaling_grid_times_both_frameworks_and_skips_what_would_not_fit(capsys):
+    from benchmarks import scaling
+
+    args = type("Args", (), dict(models=["cnn"], batches=[2], sizes=[16, 24], threads=1, rounds=1,
+                                 max_step_s=30.0, max_memory_gb=12.0))()
+    rows = scaling.grid(args)["rows"]
+    assert rows[0]["tinynet_ms"] > 0 and "skipped" not in rows[0]
+    assert "multiple of 16" in rows[1]["skipped"]

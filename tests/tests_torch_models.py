@@ -56,10 +56,11 @@ def torch_resnet18(num_classes=1000, head="mlp", width=64):
     return ResNet18(num_classes, head, width)
 
 
-def torch_cnn(num_classes=10):
+def torch_cnn(num_classes=10, image_size=64):
+    side = image_size // 16
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2048, num_classes),
+        nn.Flatten(), nn.Linear(128 * side * side, num_classes),
     )
