@@ -22,6 +22,7 @@ CASES = [
     (1, 4, 4, 8, 8, 1, False),
     (3, 2, 5, 1, 2, 1, True),
     (1, 3, 2, 11, 4, 2, False),
+    (2, 2, 2, 1, 1, 2, True),   # a 1x1 image padded by 2: most tiles read only padding
 ]
 
 
@@ -157,19 +158,25 @@ def _choice(c, h, w_shape=None, stride=(1, 1), padding=(1, 1), groups=1, n=8):
     return conv.choose_algorithm(x, w_shape or (c, c // groups, 3, 3), stride, padding, groups)
 
 
-def test_rule_picks_f2_for_wide_stride1_3x3_layers():
-    for c, h in [(64, 16), (128, 8), (256, 4), (64, 56), (128, 28), (256, 14), (32, 16), (64, 8)]:
-        assert _choice(c, h) == "winograd_f2", (c, h)
+def test_rule_picks_f2_where_it_was_measured_faster():
+    for c, h, n in [(64, 16, 64), (128, 8, 64), (256, 4, 64),                  # ResNet18 at 64 px, batch 64
+                    (64, 56, 16), (128, 28, 16), (256, 14, 16), (512, 7, 16),  # at 224 px, batch 16
+                    (64, 56, 64), (512, 7, 64)]:
+        assert _choice(c, h, n=n) == "winograd_f2", (c, h, n)
 
 
 def test_rule_keeps_im2col_elsewhere():
-    assert _choice(3, 64, (32, 3, 3, 3)) == "im2col"                    # the 3-channel first layer
-    assert _choice(512, 2) == "im2col"                                  # 2x2 output: no gain measured
-    assert _choice(64, 16, stride=(2, 2)) == "im2col"                   # strided
-    assert _choice(64, 16, (64, 64, 1, 1), padding=(0, 0)) == "im2col"  # 1x1
-    assert _choice(64, 16, (64, 64, 5, 5)) == "im2col"                  # 5x5
-    assert _choice(64, 16, groups=2) == "im2col"                        # grouped
-    assert _choice(64, 16, groups=64) == "im2col"                       # depthwise
+    for c, h, n in [(64, 16, 16), (128, 8, 16), (256, 4, 16), (512, 2, 16),    # ResNet18 at 64 px, batch 16
+                    (512, 2, 64), (512, 2, 256)]:                              # 2x2 outputs
+        assert _choice(c, h, n=n) == "im2col", (c, h, n)
+    for c, co, h in [(3, 32, 64), (32, 64, 16), (64, 128, 8)]:                 # the CNN at batch 64
+        assert _choice(c, h, (co, c, 3, 3), n=64) == "im2col", (c, co, h)
+    assert _choice(3, 64, (32, 3, 3, 3), n=1024) == "im2col"            # 3 channels, however big the batch
+    assert _choice(64, 16, stride=(2, 2), n=64) == "im2col"             # strided
+    assert _choice(64, 16, (64, 64, 1, 1), padding=(0, 0), n=64) == "im2col"  # 1x1
+    assert _choice(64, 16, (64, 64, 5, 5), n=64) == "im2col"            # 5x5
+    assert _choice(64, 16, groups=2, n=64) == "im2col"                  # grouped
+    assert _choice(64, 16, groups=64, n=64) == "im2col"                 # depthwise
 
 
 def test_forcing_applies_only_where_winograd_is_defined():
@@ -182,7 +189,7 @@ def test_forcing_applies_only_where_winograd_is_defined():
         with conv.algorithm("im2col"):                                  # nesting
             assert _choice(64, 16) == "im2col"
         assert _choice(64, 16) == "winograd_f4"
-    assert _choice(64, 16) == "winograd_f2"
+    assert _choice(64, 16, n=64) == "winograd_f2"
     with pytest.raises(ValueError, match="winograd_f3"):
         with conv.algorithm("winograd_f3"):
             pass
@@ -191,7 +198,7 @@ def test_forcing_applies_only_where_winograd_is_defined():
 def test_forcing_is_per_thread():
     seen = []
     with conv.algorithm("im2col"):
-        worker = threading.Thread(target=lambda: seen.append(_choice(64, 16)))
+        worker = threading.Thread(target=lambda: seen.append(_choice(64, 16, n=64)))
         worker.start()
         worker.join()
         assert _choice(64, 16) == "im2col"
@@ -200,7 +207,7 @@ def test_forcing_is_per_thread():
 
 def test_gpu_arrays_keep_im2col(monkeypatch):
     monkeypatch.setattr(backend, "is_cupy_array", lambda a: True)
-    assert _choice(64, 16) == "im2col"
+    assert _choice(64, 16, n=64) == "im2col"
     with conv.algorithm("winograd_f2"):
         assert _choice(64, 16) == "winograd_f2"
 

@@ -81,7 +81,7 @@ from .validation import check_grad, check_input
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 
 __all__ = ["ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d",
-           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies",
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK",
            # window geometry lives in tinynet.nn.geometry; these names stay importable from here
            "conv_output_size", "pair", "kernel_offsets"]
 
@@ -260,14 +260,33 @@ def winograd_applies(kernel, stride, groups=1) -> bool:
     return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and groups == 1
 
 
+#: F(2x2, 3x3) is chosen when ``C * C_out * N * OH * OW`` (the multiplications it saves, over 5)
+#: reaches this; below it, the transforms' cost per tile outweighs the smaller matrix products.
+WINOGRAD_MIN_WORK = 1 << 26
+
+
 def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
     """The algorithm :func:`conv2d_forward` uses for input ``x`` (N, C, H, W) and a (C_out, C/G, KH, KW) weight.
 
-    An :func:`algorithm` block decides first.  Otherwise the rule below, measured with
-    ``benchmarks/winograd.py`` (forward + backward, float32, 2 cores, median ms; the table is in
-    :mod:`tinynet.nn.winograd`'s docstring): F(2x2, 3x3) for the NumPy 3x3 stride-1 layers with
-    at least 16 input channels, im2col for the rest.  F(4x4, 3x3) is never chosen: its float32
-    error is several times PyTorch's (measured in tests/test_winograd.py and benchmarks/winograd.py).
+    An :func:`algorithm` block decides first.  Otherwise, for the 3x3 stride-1 ungrouped
+    convolutions of NumPy arrays, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
+    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`); im2col everywhere else.
+
+    Measured with ``benchmarks/winograd.py`` (forward + backward, float32, 2 cores, median of
+    11-15 alternating rounds, ms im2col -> F(2,3)), the rule picks the faster one for every shape:
+
+    * ResNet18 at 64 px, batch 64 (work 2^26 each): 64@16 40.7 -> 32.1, 128@8 25.8 -> 20.7,
+      256@4 22.2 -> 16.7; 512@2 (2x2 output) 22.5 -> 21.8, a tie, kept on im2col.
+    * ResNet18 at 64 px, batch 16 (work 2^24): 64@16 8.6 -> 10.2, 128@8 6.5 -> 6.6,
+      256@4 5.6 -> 5.8, 512@2 8.2 -> 16.3: im2col.
+    * ResNet18 at 224 px, batch 16 (work 2^27.6): 64@56 118.7 -> 104.1, 128@28 86.9 -> 66.0,
+      256@14 69.2 -> 45.1, 512@7 61.3 -> 53.6; batch 64 gains more (64@56 721 -> 422).
+    * The CNN, batch 64 (work <= 2^25): 3->32@64 32.3 -> 72.1, 32->64@16 19.9 -> 24.0,
+      64->128@8 15.0 -> 16.0: im2col.  Few input channels leave the transforms of the
+      (batch-innermost, so short-run) tiles dominant.
+
+    F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's and PyTorch's
+    (tests/test_winograd.py, benchmarks/winograd.py); force it with :func:`algorithm`.
     On the GPU im2col stays (not measured there).
     """
     kernel = tuple(w_shape[2:])
@@ -280,7 +299,8 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
         return "im2col"
     n, c, h, w = x.shape
     out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
-    return "winograd_f2" if c >= 16 and out_pixels >= 16 else "im2col"
+    work = c * w_shape[0] * n * out_pixels
+    return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= WINOGRAD_MIN_WORK else "im2col"
 
 
 def _cached_shape(algorithm_name, x_shape, kernel, stride, padding):
