@@ -56,8 +56,8 @@ def _chwn(a):
     return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
 
-def time_shape(c, c_out, h, n, rounds, algorithms):
-    """Median ms of forward + backward per algorithm (alternating within each round)."""
+def time_shape(c, c_out, h, n, rounds, algorithms, forward_only=False):
+    """Median ms of forward + backward (or the forward under ``no_grad``) per algorithm, alternating."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, h)).astype(np.float32)
     x = x if c == 3 else _chwn(x)
@@ -66,6 +66,10 @@ def time_shape(c, c_out, h, n, rounds, algorithms):
     layer.set_input_grad(c != 3)
 
     def step():
+        if forward_only:
+            with nn.no_grad():
+                layer(x)
+            return
         layer(x)
         layer.backward(dout)
         layer.weight.grad = None
@@ -118,16 +122,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--only", default=None, help="substring of the shape labels to run")
     p.add_argument("--algorithms", nargs="+", default=list(conv.ALGORITHMS))
+    p.add_argument("--forward", action="store_true", help="time the forward alone, under no_grad (inference)")
     p.add_argument("--no-accuracy", action="store_true")
     args = p.parse_args(argv)
     shapes = [s for s in SHAPES if args.only is None or args.only in s[0]]
 
-    print(f"forward + backward, float32, median of {args.rounds} alternating rounds, ms")
+    what = "forward (no_grad)" if args.forward else "forward + backward"
+    print(f"{what}, float32, median of {args.rounds} alternating rounds, ms")
     head = f"{'layer':24} {'N':>4} " + " ".join(f"{a:>12}" for a in args.algorithms) + "   best/im2col"
     print(head)
     for n in args.batch:
         for label, c, c_out, h in shapes:
-            ms = time_shape(c, c_out, h, n, args.rounds, args.algorithms)
+            ms = time_shape(c, c_out, h, n, args.rounds, args.algorithms, args.forward)
             best = min((a for a in ms if a != "im2col"), key=ms.get, default=None)
             gain = f"   {best} {ms['im2col'] / ms[best]:.2f}x" if best and "im2col" in ms else ""
             print(f"{label:24} {n:>4} " + " ".join(f"{ms[a]:12.2f}" for a in args.algorithms) + gain, flush=True)

@@ -179,6 +179,17 @@ def test_rule_keeps_im2col_elsewhere():
     assert _choice(64, 16, groups=64, n=64) == "im2col"                 # depthwise
 
 
+def test_rule_under_no_grad_needs_more_work():
+    # The forward alone gains less: at 64 px, batch 64 it was a tie, at 224 px, batch 64 a gain.
+    with nn.no_grad():
+        assert _choice(64, 16, n=64) == "im2col"
+        assert _choice(64, 56, n=16) == "im2col"
+        for c, h in [(64, 56), (128, 28), (256, 14), (512, 7)]:
+            assert _choice(c, h, n=64) == "winograd_f2", (c, h)
+        with conv.algorithm("winograd_f2"):
+            assert _choice(64, 16, n=64) == "winograd_f2"
+
+
 def test_forcing_applies_only_where_winograd_is_defined():
     with conv.algorithm("winograd_f4"):
         assert _choice(3, 8, (4, 3, 3, 3)) == "winograd_f4"

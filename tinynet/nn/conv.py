@@ -81,7 +81,7 @@ from .validation import check_grad, check_input
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 
 __all__ = ["ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d",
-           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK",
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK", "WINOGRAD_MIN_WORK_NO_GRAD",
            # window geometry lives in tinynet.nn.geometry; these names stay importable from here
            "conv_output_size", "pair", "kernel_offsets"]
 
@@ -262,7 +262,10 @@ def winograd_applies(kernel, stride, groups=1) -> bool:
 
 #: F(2x2, 3x3) is chosen when ``C * C_out * N * OH * OW`` (the multiplications it saves, over 5)
 #: reaches this; below it, the transforms' cost per tile outweighs the smaller matrix products.
+#: With gradients enabled (forward + backward), and under ``no_grad`` (the forward alone, where
+#: im2col needs no backward and Winograd's share of transform work is larger).
 WINOGRAD_MIN_WORK = 1 << 26
+WINOGRAD_MIN_WORK_NO_GRAD = 1 << 28
 
 
 def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
@@ -270,7 +273,8 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
 
     An :func:`algorithm` block decides first.  Otherwise, for the 3x3 stride-1 ungrouped
     convolutions of NumPy arrays, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
-    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`); im2col everywhere else.
+    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`), or ``>= 2**28`` under
+    ``no_grad`` (:data:`WINOGRAD_MIN_WORK_NO_GRAD`); im2col everywhere else.
 
     Measured with ``benchmarks/winograd.py`` (forward + backward, float32, 2 cores, median of
     11-15 alternating rounds, ms im2col -> F(2,3)), the rule picks the faster one for every shape:
@@ -284,6 +288,11 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
     * The CNN, batch 64 (work <= 2^25): 3->32@64 32.3 -> 72.1, 32->64@16 19.9 -> 24.0,
       64->128@8 15.0 -> 16.0: im2col.  Few input channels leave the transforms of the
       (batch-innermost, so short-run) tiles dominant.
+
+    The forward alone (``benchmarks/winograd.py --forward``): ResNet18 at 224 px, batch 64 (work
+    2^29.6): 64@56 159.4 -> 146.6, 128@28 120.2 -> 94.2, 256@14 94.7 -> 59.8, 512@7 84.5 -> 68.0;
+    at batch 16 (2^27.6) 48.5 -> 59.3, 33.8 -> 35.2, 26.0 -> 24.7, 24.8 -> 23.2, and at 64 px,
+    batch 64 (2^26) 15.5 -> 15.5, 10.2 -> 10.6, 8.6 -> 8.2, 8.0 -> 10.1: ties or losses, im2col.
 
     F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's and PyTorch's
     (tests/test_winograd.py, benchmarks/winograd.py); force it with :func:`algorithm`.
@@ -300,7 +309,8 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
     n, c, h, w = x.shape
     out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
     work = c * w_shape[0] * n * out_pixels
-    return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= WINOGRAD_MIN_WORK else "im2col"
+    min_work = WINOGRAD_MIN_WORK if is_grad_enabled() else WINOGRAD_MIN_WORK_NO_GRAD
+    return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= min_work else "im2col"
 
 
 def _cached_shape(algorithm_name, x_shape, kernel, stride, padding):
