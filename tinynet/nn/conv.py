@@ -81,7 +81,8 @@ from .validation import check_grad, check_input
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 
 __all__ = ["ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d",
-           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK", "WINOGRAD_MIN_WORK_NO_GRAD",
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies",
+           "WINOGRAD_MIN_WORK", "WINOGRAD_MIN_WORK_NO_GRAD",
            # window geometry lives in tinynet.nn.geometry; these names stay importable from here
            "conv_output_size", "pair", "kernel_offsets"]
 
