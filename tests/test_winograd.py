@@ -23,6 +23,7 @@ CASES = [
     (3, 2, 5, 1, 2, 1, True),
     (1, 3, 2, 11, 4, 2, False),
     (2, 2, 2, 1, 1, 2, True),   # a 1x1 image padded by 2: most tiles read only padding
+    (1, 2, 2, 2, 3, 3, True),   # padding 3: whole tile rows and columns in the padding
 ]
 
 
@@ -77,6 +78,18 @@ def test_forward_backward_match_reference_and_im2col(case, m, rng):
     dx_none, dw2, _ = conv.conv2d_backward(dout, cache, need_dx=False)
     assert dx_none is None
     np.testing.assert_allclose(dw2, dw, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("padding", [(0, 2), (2, 1), (1, 0)])
+def test_unequal_row_and_column_padding(padding, m, rng):
+    x, wt, b = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    out, cache = winograd.winograd_forward(x, wt, b, padding, m)
+    np.testing.assert_allclose(out, reference.conv2d(x, wt, b, (1, 1), padding), rtol=1e-10, atol=1e-10)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = winograd.winograd_backward(dout, cache)
+    for got, want in zip((dx, dw, db), reference.conv2d_grads(x, wt, dout, (1, 1), padding)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("m", MS)
