@@ -144,7 +144,8 @@ def main(argv=None):
         if not label.startswith("resnet18-224"):
             continue
         errors = accuracy(c, h)
-        print(f"{label:24} " + "  ".join(f"{k} {e[0]:.1e}/{e[1]:.1e}/{e[2]:.1e}" for k, e in errors.items()), flush=True)
+        cells = [f"{k} {e[0]:.1e}/{e[1]:.1e}/{e[2]:.1e}" for k, e in errors.items()]
+        print(f"{label:24} " + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

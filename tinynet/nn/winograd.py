@@ -41,13 +41,34 @@ The forward keeps V (alpha^2/m^2 times the input: 4x for F(2,3), 2.25x for
 F(4,3)) for the backward, instead of im2col's 9x.
 
 The transforms B^T d B and A^T M A are applied one axis at a time as sums and
-differences of strided slices of whole arrays (the matrices are sparse, their
-entries 0, +-1 and small integers), written into preallocated arrays with
-``out=``.  :func:`winograd_conv2d_loops` is the plain per-tile version of the
-same algorithm, the tests' check of the fast one.
+differences of strided slices (the matrices are sparse, their entries 0, +-1
+and small integers), written into preallocated arrays with ``out=``, one block
+of channels at a time so that the intermediates stay in cache
+(:data:`BLOCK_BYTES`).  :func:`winograd_conv2d_loops` is the plain per-tile
+version of the same algorithm, the tests' check of the fast one.
 
 Which algorithm a layer uses is chosen by measurement in
-:func:`tinynet.nn.conv.choose_algorithm`.
+:func:`tinynet.nn.conv.choose_algorithm` (F(2x2,3x3) for the large stride-1
+3x3 layers of a training step; im2col for small or few-channel ones, and for
+the forward alone below 4x that size); :func:`tinynet.nn.conv.algorithm`
+forces one.
+
+Measured (2-core AMD EPYC, OpenBLAS, float32, batch 64; old = im2col forced,
+new = the rule, alternating step by step in one process, median of 21):
+forward + backward of the ``benchmarks/run.py`` layers 3x3/1 64->64 @16
+36.7 -> 30.8 ms, 128->128 @8 28.4 -> 26.3, 256->256 @4 24.0 -> 18.3,
+512->512 @2 24.6 -> 24.3 (im2col kept: a 2x2 output is a single tile);
+PyTorch 19-20 ms on each.  A ResNet18 training step at 64 px 596 -> 559 ms
+(median of 15).  At 224 px the layers gain 1.1-2.1x (``benchmarks/winograd.py``).
+
+float32 error (``max |y32 - y64| / max |y64|``, ResNet18's layers at 224 px,
+batch 4; out / dx / dW), e.g. 256@14: im2col 4.3e-7 / 3.7e-7 / 6.9e-7,
+F(2,3) 6.0e-7 / 6.3e-7 / 8.8e-7, F(4,3) 9.8e-6 / 7.7e-6 / 6.0e-6, PyTorch
+2.5e-7 / 2.6e-7 / 1.5e-6.  F(2,3) stays within 2.5x of PyTorch's output and
+dx error (its dW error is below PyTorch's); F(4,3) is 20-40x worse, so it is
+never chosen by default (it remains available through ``algorithm``).
+What did not pay: running the channel blocks on two host threads (40.3 vs
+37.2 ms on 64@16: the BLAS threads share the same two cores).
 """
 from __future__ import annotations
 
