@@ -226,8 +226,10 @@ def scratch(name: str, shape, dtype, like):
     call with the same name, so a caller uses it only until it returns: it
     never returns the buffer, a view of it, or keeps it in a cache.  Users:
     ``conv2d_backward.dcol`` (summed into a new dx by col2im),
-    ``conv2d_forward.col`` (im2col under ``no_grad``, consumed by the GEMM)
-    and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
+    ``conv2d_forward.col`` (im2col, or Winograd's V, under ``no_grad``, consumed
+    by the GEMM), ``winograd.*`` (the padded tiles, half-transformed tiles and
+    the products M, dM, dV of :mod:`tinynet.nn.winograd`, each used within one
+    forward or backward) and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
     allocations, so a fresh array is returned.
     """
     xp = get_array_module(like)

@@ -54,9 +54,22 @@ whose input pixel lies inside the image are copied (:func:`kernel_offsets`),
 and the rest of ``col`` is set to zero, which is what zero padding means.
 The slow, obviously correct loop version lives in :mod:`tinynet.nn.reference`
 and is the tests' oracle.
+
+Stride-1 3x3 convolutions (groups=1) may instead run as Winograd minimal
+filtering F(2x2, 3x3) (:mod:`tinynet.nn.winograd`), which needs 4 instead of
+9 multiplications per output and keeps a 4x copy of the input for the
+backward instead of col's 9x.  :func:`choose_algorithm` picks one per layer
+shape, by the measurements of ``benchmarks/winograd.py``; im2col + GEMM stays
+the reference and the fallback (other kernels, strides, groups, GPU arrays).
+:func:`algorithm` forces a choice::
+
+    with tinynet.nn.conv.algorithm("im2col"):      # or "winograd_f2", "winograd_f4"
+        out = model(x)
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import NamedTuple
 
 from .. import backend, kernels
@@ -65,8 +78,11 @@ from .init import uniform_fan_in
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .module import Module, Parameter, is_grad_enabled
 from .validation import check_grad, check_input
+from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 
 __all__ = ["ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "Conv2d",
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies",
+           "WINOGRAD_MIN_WORK", "WINOGRAD_MIN_WORK_NO_GRAD",
            # window geometry lives in tinynet.nn.geometry; these names stay importable from here
            "conv_output_size", "pair", "kernel_offsets"]
 
@@ -213,7 +229,106 @@ def _grouped(a, groups: int):
     return a.reshape(groups, a.shape[0] // groups, a.shape[1])
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, groups=1):
+# ---------------------------------------------------------------------------
+# Which algorithm
+# ---------------------------------------------------------------------------
+#: The convolution algorithms: im2col + GEMM, and Winograd F(m x m, 3 x 3) with m = 2 or 4.
+ALGORITHMS = ("im2col", "winograd_f2", "winograd_f4")
+_WINOGRAD_M = {"winograd_f2": 2, "winograd_f4": 4}
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def algorithm(name: str):
+    """Force the convolution algorithm in this thread, inside a ``with`` block.
+
+    ``name`` is one of :data:`ALGORITHMS`, or ``"auto"`` for :func:`choose_algorithm`'s measured
+    rule.  A Winograd choice applies only where Winograd is defined (:func:`winograd_applies`);
+    every other convolution keeps im2col.  Blocks nest; the setting is per thread.
+    """
+    if name != "auto" and name not in ALGORITHMS:
+        raise ValueError(f"conv.algorithm: expected 'auto' or one of {ALGORITHMS}, got {name!r}")
+    previous = getattr(_forced, "name", "auto")
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def winograd_applies(kernel, stride, groups=1) -> bool:
+    """Winograd F(m x m, 3 x 3) computes exactly the 3x3, stride-1, ungrouped convolutions (any padding)."""
+    return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and groups == 1
+
+
+#: F(2x2, 3x3) is chosen when ``C * C_out * N * OH * OW`` (the multiplications it saves, over 5)
+#: reaches this; below it, the transforms' cost per tile outweighs the smaller matrix products.
+#: With gradients enabled (forward + backward), and under ``no_grad`` (the forward alone, where
+#: im2col needs no backward and Winograd's share of transform work is larger).
+WINOGRAD_MIN_WORK = 1 << 26
+WINOGRAD_MIN_WORK_NO_GRAD = 1 << 28
+
+
+def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
+    """The algorithm :func:`conv2d_forward` uses for input ``x`` (N, C, H, W) and a (C_out, C/G, KH, KW) weight.
+
+    An :func:`algorithm` block decides first.  Otherwise, for the 3x3 stride-1 ungrouped
+    convolutions of NumPy arrays, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
+    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`), or ``>= 2**28`` under
+    ``no_grad`` (:data:`WINOGRAD_MIN_WORK_NO_GRAD`); im2col everywhere else.
+
+    Measured with ``benchmarks/winograd.py`` (forward + backward, float32, 2 cores, median of
+    11-15 alternating rounds, ms im2col -> F(2,3)), the rule picks the faster one for every shape:
+
+    * ResNet18 at 64 px, batch 64 (work 2^26 each): 64@16 40.7 -> 32.1, 128@8 25.8 -> 20.7,
+      256@4 22.2 -> 16.7; 512@2 (2x2 output) 22.5 -> 21.8, a tie, kept on im2col.
+    * ResNet18 at 64 px, batch 16 (work 2^24): 64@16 8.6 -> 10.2, 128@8 6.5 -> 6.6,
+      256@4 5.6 -> 5.8, 512@2 8.2 -> 16.3: im2col.
+    * ResNet18 at 224 px, batch 16 (work 2^27.6): 64@56 118.7 -> 104.1, 128@28 86.9 -> 66.0,
+      256@14 69.2 -> 45.1, 512@7 61.3 -> 53.6; batch 64 gains more (64@56 721 -> 422).
+    * The CNN, batch 64 (work <= 2^25): 3->32@64 32.3 -> 72.1, 32->64@16 19.9 -> 24.0,
+      64->128@8 15.0 -> 16.0: im2col.  Few input channels leave the transforms of the
+      (batch-innermost, so short-run) tiles dominant.
+
+    The forward alone (``benchmarks/winograd.py --forward``): ResNet18 at 224 px, batch 64 (work
+    2^29.6): 64@56 159.4 -> 146.6, 128@28 120.2 -> 94.2, 256@14 94.7 -> 59.8, 512@7 84.5 -> 68.0;
+    at batch 16 (2^27.6) 48.5 -> 59.3, 33.8 -> 35.2, 26.0 -> 24.7, 24.8 -> 23.2, and at 64 px,
+    batch 64 (2^26) 15.5 -> 15.5, 10.2 -> 10.6, 8.6 -> 8.2, 8.0 -> 10.1: ties or losses, im2col.
+
+    F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's and PyTorch's
+    (tests/test_winograd.py, benchmarks/winograd.py); force it with :func:`algorithm`.
+    On the GPU im2col stays (not measured there).
+    """
+    kernel = tuple(w_shape[2:])
+    if not winograd_applies(kernel, stride, groups):
+        return "im2col"
+    forced = getattr(_forced, "name", "auto")
+    if forced != "auto":
+        return forced
+    if backend.is_cupy_array(x):
+        return "im2col"
+    n, c, h, w = x.shape
+    out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
+    work = c * w_shape[0] * n * out_pixels
+    min_work = WINOGRAD_MIN_WORK if is_grad_enabled() else WINOGRAD_MIN_WORK_NO_GRAD
+    return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= min_work else "im2col"
+
+
+def _cached_shape(algorithm_name, x_shape, kernel, stride, padding):
+    """Shape of the buffer the forward of ``algorithm_name`` keeps for the backward (None: nothing)."""
+    if algorithm_name != "im2col":
+        return v_shape(x_shape, padding, _WINOGRAD_M[algorithm_name])
+    if _is_pointwise(kernel, stride, padding):
+        return None
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x_shape
+    return (c, kh, kw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw), n)
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, groups=1, algorithm=None):
     """Convolution (cross-correlation, as in PyTorch).
 
     Parameters
@@ -222,15 +337,23 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, grou
     w : (C_out, C/G, KH, KW)
     b : (C_out,) or None
     stride, padding : pairs (SH, SW), (PH, PW)
-    col_buffer : optional (C, KH, KW, OH, OW, N) array for im2col to fill; the
-        cache then refers to it, so its owner must not refill it before the
-        backward of this call has run
+    col_buffer : optional array for what the forward keeps for the backward:
+        (C, KH, KW, OH, OW, N) for im2col to fill, (alpha^2, C, P) for
+        Winograd's V (shapes from ``_cached_shape``); the cache then refers to
+        it, so its owner must not refill it before the backward of this call
+        has run
+    algorithm : one of :data:`ALGORITHMS`; None: :func:`choose_algorithm`
 
     Returns
     -------
     out : (N, C_out, OH, OW), an NCHW view of a new (C_out, OH, OW, N) array
-    cache : :class:`ConvCache`, what :func:`conv2d_backward` needs
+    cache : :class:`ConvCache` (im2col) or :class:`~tinynet.nn.winograd.WinogradCache`,
+        what :func:`conv2d_backward` needs
     """
+    if algorithm is None:
+        algorithm = choose_algorithm(x, w.shape, stride, padding, groups)
+    if algorithm != "im2col":
+        return winograd_forward(x, w, b, tuple(padding), _WINOGRAD_M[algorithm], v_buffer=col_buffer)
     c_out, _, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
@@ -251,7 +374,8 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     Parameters
     ----------
     dout : (N, C_out, OH, OW), dL/d(out); not modified
-    cache : :class:`ConvCache` from :func:`conv2d_forward`
+    cache : :class:`ConvCache` or :class:`~tinynet.nn.winograd.WinogradCache` from
+        :func:`conv2d_forward`; it says which algorithm ran
     need_dx : skip dL/dx (returns None) when the input needs no gradient
 
     Returns
@@ -260,6 +384,8 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     dw : (C_out, C, KH, KW)
     db : (C_out,) or None
     """
+    if isinstance(cache, WinogradCache):
+        return winograd_backward(dout, cache, need_dx)
     col, x_shape, w, stride, padding, has_bias, groups = cache
     c_out, _, kh, kw = w.shape
     dout2d = channel_matrix(dout)  # (C_out, M)
@@ -294,7 +420,7 @@ class Conv2d(Module):
     independent blocks (grouped convolution; ``groups=C``: depthwise).
     """
 
-    #: ``_free_cols``: im2col buffers this layer owns, free to refill (see :meth:`_take_col_buffer`).
+    #: ``_free_cols``: im2col (or Winograd V) buffers this layer owns, free to refill (see :meth:`_take_col_buffer`).
     _transient = Module._transient + ("_free_cols",)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -335,13 +461,14 @@ class Conv2d(Module):
                 f"is smaller than the kernel {self.kernel_size}"
             )
         b = self.bias.data if self.bias is not None else None
-        buffer = self._take_col_buffer(x)
-        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, buffer, self.groups)
+        algo = choose_algorithm(x, self.weight.shape, self.stride, self.padding, self.groups)
+        buffer = self._take_col_buffer(x, algo)
+        out, cache = conv2d_forward(x, self.weight.data, b, self.stride, self.padding, buffer, self.groups, algo)
         self._save_for_backward(cache, out.shape, buffer)
         return out
 
-    def _take_col_buffer(self, x):
-        """Where im2col writes this call's columns (None: col is x itself).
+    def _take_col_buffer(self, x, algorithm="im2col"):
+        """Where im2col writes this call's columns, or Winograd its V (None: col is x itself).
 
         With gradients enabled, ``col`` is kept until this call's backward, so
         the layer owns its buffers: the forward takes a free one (or allocates
@@ -350,13 +477,11 @@ class Conv2d(Module):
         worth more than the copy).  A layer called twice before a backward owns
         two.  Without gradients, ``col`` dies with the matrix product, and this
         thread's scratch buffer (:func:`tinynet.backend.scratch`) serves every
-        layer.
+        layer.  Winograd's transformed input V is kept the same way.
         """
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if _is_pointwise(self.kernel_size, self.stride, self.padding):
+        shape = _cached_shape(algorithm, x.shape, self.kernel_size, self.stride, self.padding)
+        if shape is None:
             return None
-        n, c, h, w = x.shape
-        shape = (c, kh, kw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw), n)
         if not is_grad_enabled():
             return backend.scratch("conv2d_forward.col", shape, x.dtype, like=x)
         free = self._free_cols
