@@ -38,7 +38,13 @@ from __future__ import annotations
 
 from .. import backend
 
-__all__ = ["to_chwn", "from_chwn", "channel_matrix", "from_channel_matrix", "add"]
+__all__ = ["to_chwn", "from_chwn", "channel_matrix", "from_channel_matrix", "add",
+           "BLOCK_ELEMENTS", "for_channel_blocks", "flat_views", "for_flat_chunks"]
+
+#: Elements per block of the memory-bound passes (256 KB of float32): a block's few arrays stay
+#: in the 1 MB L2 cache of one core while several passes run over them, so main memory is read
+#: and written once per array instead of once per pass.
+BLOCK_ELEMENTS = 1 << 16
 
 
 def to_chwn(x):
@@ -70,3 +76,80 @@ def add(a, b):
     """``a + b`` in a new array laid out like ``a`` (CHWN stays CHWN on CuPy too)."""
     xp = backend.get_array_module(a)
     return xp.add(a, b, out=xp.empty_like(a))
+
+
+# ---------------------------------------------------------------------------
+# Splitting a memory-bound pass: over threads, and into blocks that fit a cache
+# ---------------------------------------------------------------------------
+def for_channel_blocks(channels: int, per_channel: int, body, like) -> None:
+    """Run ``body(a, b)`` over consecutive blocks ``[a, b)`` of ``range(channels)``, on all threads.
+
+    For passes whose work is independent per channel (a window slice ``[a:b]``
+    of a CHWN buffer, a row block of a channel matrix).  Blocks hold about
+    :data:`BLOCK_ELEMENTS` elements (``per_channel`` each), so a chain of
+    passes over one block runs in cache; the blocks are shared between the
+    threads of :func:`tinynet.backend.parallel_for`.  On CuPy ``body(0,
+    channels)`` runs once: the GPU needs neither threads nor blocks.
+
+    ``body`` must write only channels ``[a, b)`` and give, for each channel,
+    a result that does not depend on which block the channel was in (true
+    for element-wise passes and per-row reductions), so the result is the
+    same, bit for bit, on any number of threads.
+    """
+    if backend.is_cupy_array(like):
+        body(0, channels)
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, per_channel))
+
+    def piece(start, stop):
+        for a in range(start, stop, step):
+            body(a, min(a + step, stop))
+
+    backend.parallel_for(channels, piece, elements=channels * per_channel)
+
+
+def flat_views(*arrays):
+    """1-D views of the memory of ``arrays``, in memory order, or None if there is none.
+
+    Every array must be dense (no gaps), of one shape, and laid out in the
+    same axis order (e.g. all CHWN, as ``empty_like`` makes them); then
+    element ``k`` of every view is the same logical element.  An element-wise
+    pass can then run on pieces of the views.
+    """
+    first = arrays[0]
+    order = sorted(range(first.ndim), key=lambda d: -first.strides[d])
+    views = []
+    for a in arrays:
+        if a.shape != first.shape:
+            return None
+        if a.ndim and sorted(range(a.ndim), key=lambda d: -a.strides[d]) != order:
+            return None
+        t = a.transpose(order)
+        if not t.flags.c_contiguous:
+            return None
+        views.append(t.reshape(-1))
+    return views
+
+
+def for_flat_chunks(body, *arrays) -> None:
+    """Run the element-wise pass ``body(*pieces)`` over ``arrays``, in chunks, on all threads.
+
+    ``body`` receives equal pieces of the :func:`flat_views` of ``arrays``
+    (chunks of :data:`BLOCK_ELEMENTS`, so that two passes over one chunk run
+    in cache) and must compute each output element from the same element of
+    the inputs.  When the arrays share no flat layout, or on CuPy, ``body``
+    runs once on the arrays themselves.
+    """
+    views = None if backend.is_cupy_array(arrays[0]) else flat_views(*arrays)
+    if views is None:
+        body(*arrays)
+        return
+    size = views[0].size
+    chunks = -(-size // BLOCK_ELEMENTS)
+
+    def piece(start, stop):
+        lo, hi = start * BLOCK_ELEMENTS, min(stop * BLOCK_ELEMENTS, size)
+        for k in range(lo, hi, BLOCK_ELEMENTS):
+            body(*(v[k:min(k + BLOCK_ELEMENTS, hi)] for v in views))
+
+    backend.parallel_for(chunks, piece, elements=size)

@@ -1,0 +1,69 @@
+"""The memory-bound passes split over threads and cache blocks give the same bits on 1 and 2 threads.
+
+Each layer runs forward and backward with ``backend.set_num_threads(1)``
+and ``(2)``; the results must be identical (element-wise passes, and
+reductions kept per channel, are the same computation in any split).  Sizes
+straddle ``backend.PARALLEL_MIN_ELEMENTS`` (below it nothing is split) and
+``layout.BLOCK_ELEMENTS``; channel counts are odd so pieces are unequal.
+"""
+import numpy as np
+import pytest
+
+from tinynet import backend, nn
+from tinynet.nn import layout
+
+# (N, C, H, W): small (one block, one thread), a few blocks, and above PARALLEL_MIN_ELEMENTS.
+SHAPES = [(2, 3, 5, 6), (4, 5, 16, 16), (16, 7, 48, 45)]
+
+
+@pytest.fixture
+def threads():
+    yield backend.set_num_threads
+    backend.set_num_threads(None)
+
+
+def chwn(rng, shape, dtype=np.float32):
+    """An (N, C, H, W) array stored CHWN, as the layers make them."""
+    n, c, h, w = shape
+    return rng.standard_normal((c, h, w, n)).astype(dtype).transpose(3, 0, 1, 2)
+
+
+def run_on(threads, n_threads, make_layer, x, dout_seed=7):
+    """``(out, dx, parameter gradients)`` of a fresh layer on ``n_threads`` threads."""
+    threads(n_threads)
+    layer = make_layer()
+    out = layer(x.copy() if getattr(layer, "inplace", False) else x)
+    dout = chwn(np.random.default_rng(dout_seed), out.shape, out.dtype) if out.ndim == 4 else \
+        np.random.default_rng(dout_seed).standard_normal(out.shape).astype(out.dtype)
+    dx = layer.backward(dout)
+    grads = [p.grad.copy() for p in layer.parameters() if p.grad is not None]
+    return np.array(out), np.array(dx), grads
+
+
+def assert_same_on_one_and_two_threads(threads, make_layer, x):
+    one = run_on(threads, 1, make_layer, x)
+    two = run_on(threads, 2, make_layer, x)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    for a, b in zip(one[2], two[2]):
+        np.testing.assert_array_equal(a, b)
+    return one
+
+
+def test_the_large_shape_is_split(threads):
+    assert np.prod(SHAPES[-1]) > backend.PARALLEL_MIN_ELEMENTS
+    assert np.prod(SHAPES[-1]) > 3 * layout.BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (4, 4, 0)])
+def test_maxpool(threads, rng, shape, k, s, p):
+    x = np.round(chwn(rng, shape), 1)  # ties: every split must route them to the same cell
+    assert_same_on_one_and_two_threads(threads, lambda: nn.MaxPool2d(k, s, p), x)
+
+
+def test_maxpool_with_nan(threads, rng):
+    x = chwn(rng, SHAPES[-1])
+    x[3, 2, 5, 7] = x[0, 6, 0, 0] = np.nan
+    out, dx, _ = assert_same_on_one_and_two_threads(threads, lambda: nn.MaxPool2d(3, 2, 1), x)
+    assert np.isnan(out).sum() == 4 + 1  # interior NaN: 4 windows; corner NaN: 1
