@@ -67,3 +67,34 @@ def test_maxpool_with_nan(threads, rng):
     x[3, 2, 5, 7] = x[0, 6, 0, 0] = np.nan
     out, dx, _ = assert_same_on_one_and_two_threads(threads, lambda: nn.MaxPool2d(3, 2, 1), x)
     assert np.isnan(out).sum() == 4 + 1  # interior NaN: 4 windows; corner NaN: 1
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm2d(threads, rng, shape, dtype):
+    def make():
+        layer = nn.BatchNorm2d(shape[1], dtype=dtype)
+        layer.weight.data[...] = np.random.default_rng(3).uniform(0.5, 1.5, shape[1])
+        layer.bias.data[...] = np.random.default_rng(4).standard_normal(shape[1])
+        return layer
+
+    one = assert_same_on_one_and_two_threads(threads, make, chwn(rng, shape, dtype) * 3 + 1)
+    assert one[0].dtype == dtype and one[1].dtype == dtype
+
+
+def test_batchnorm2d_running_statistics_and_eval(threads, rng):
+    x = chwn(rng, SHAPES[-1])
+    stats = []
+    for n_threads in (1, 2):
+        threads(n_threads)
+        layer = nn.BatchNorm2d(x.shape[1])
+        layer(x)
+        layer.eval()
+        stats.append((layer.running_mean.copy(), layer.running_var.copy(), np.array(layer(x))))
+    for a, b in zip(*stats):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batchnorm1d(threads, rng):
+    x = rng.standard_normal((4096, 37)).astype(np.float32)  # (N, C): a copied channel matrix
+    assert_same_on_one_and_two_threads(threads, lambda: nn.BatchNorm1d(37), x)
