@@ -32,7 +32,7 @@ def run_on(threads, n_threads, make_layer, x, dout_seed=7):
     """``(out, dx, parameter gradients)`` of a fresh layer on ``n_threads`` threads."""
     threads(n_threads)
     layer = make_layer()
-    out = layer(x.copy() if getattr(layer, "inplace", False) else x)
+    out = layer(x.copy(order="K") if getattr(layer, "inplace", False) else x)
     dout = chwn(np.random.default_rng(dout_seed), out.shape, out.dtype) if out.ndim == 4 else \
         np.random.default_rng(dout_seed).standard_normal(out.shape).astype(out.dtype)
     dx = layer.backward(dout)
@@ -98,3 +98,57 @@ def test_batchnorm2d_running_statistics_and_eval(threads, rng):
 def test_batchnorm1d(threads, rng):
     x = rng.standard_normal((4096, 37)).astype(np.float32)  # (N, C): a copied channel matrix
     assert_same_on_one_and_two_threads(threads, lambda: nn.BatchNorm1d(37), x)
+
+
+FLAT_SHAPES = SHAPES[:2] + [(16, 9, 96, 80)]  # the last above layout.FLAT_SPLIT_MIN_ELEMENTS
+
+
+def test_the_large_flat_shape_is_split():
+    assert np.prod(FLAT_SHAPES[-1]) > layout.FLAT_SPLIT_MIN_ELEMENTS
+
+
+@pytest.mark.parametrize("shape", FLAT_SHAPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu(threads, rng, shape, inplace):
+    x = chwn(rng, shape)
+    out, dx, _ = assert_same_on_one_and_two_threads(threads, lambda: nn.ReLU(inplace=inplace), x)
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    assert out.strides == x.strides  # the CHWN layout is kept
+
+
+def test_relu_on_an_nchw_array_and_a_mismatched_gradient(threads, rng):
+    x = rng.standard_normal(FLAT_SHAPES[-1]).astype(np.float32)  # C-contiguous NCHW
+    assert_same_on_one_and_two_threads(threads, nn.ReLU, x)
+    threads(2)
+    layer = nn.ReLU()
+    x = chwn(rng, FLAT_SHAPES[-1])
+    layer(x)
+    dy = rng.standard_normal(FLAT_SHAPES[-1]).astype(np.float32)  # NCHW gradient, CHWN mask: no flat view
+    np.testing.assert_array_equal(layer.backward(dy), dy * (x > 0))
+
+
+@pytest.mark.parametrize("shape", FLAT_SHAPES)
+def test_residual_add(threads, rng, shape):
+    a, b = chwn(rng, shape), chwn(rng, shape)
+    sums = []
+    for n_threads in (1, 2):
+        threads(n_threads)
+        sums.append(layout.add(a, b))
+        c = a.copy(order="K")
+        layout.add(c, b, out=c)
+        np.testing.assert_array_equal(c, sums[-1])
+    np.testing.assert_array_equal(sums[0], sums[1])
+    np.testing.assert_array_equal(sums[0], a + b)
+    assert sums[0].strides == a.strides
+    np.testing.assert_array_equal(layout.add(a, np.ascontiguousarray(b)), a + b)  # other layouts: whole
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (2, 2, 0)])
+def test_conv_im2col_col2im(threads, rng, shape, k, s, p):
+    def make():
+        return nn.Conv2d(shape[1], 4, k, stride=s, padding=p, rng=np.random.default_rng(5))
+
+    assert_same_on_one_and_two_threads(threads, make, chwn(rng, shape))
+    # NCHW images (the first layer's input) are reordered first, then split the same way
+    assert_same_on_one_and_two_threads(threads, make, rng.standard_normal(shape).astype(np.float32))
