@@ -101,12 +101,12 @@ def add(a, b, out=None):
 # ---------------------------------------------------------------------------
 # Splitting a memory-bound pass: over threads, and into blocks that fit a cache
 # ---------------------------------------------------------------------------
-def for_channel_blocks(channels: int, per_channel: int, body, like) -> None:
+def for_channel_blocks(channels: int, per_channel: int, body, like, block_elements: int = BLOCK_ELEMENTS) -> None:
     """Run ``body(a, b)`` over consecutive blocks ``[a, b)`` of ``range(channels)``, on all threads.
 
     For passes whose work is independent per channel (a window slice ``[a:b]``
     of a CHWN buffer, a row block of a channel matrix).  Blocks hold about
-    :data:`BLOCK_ELEMENTS` elements (``per_channel`` each), so a chain of
+    ``block_elements`` elements (``per_channel`` each), so a chain of
     passes over one block runs in cache; the blocks are shared between the
     threads of :func:`tinynet.backend.parallel_for`.  On CuPy ``body(0,
     channels)`` runs once: the GPU needs neither threads nor blocks.
@@ -119,7 +119,7 @@ def for_channel_blocks(channels: int, per_channel: int, body, like) -> None:
     if backend.is_cupy_array(like):
         body(0, channels)
         return
-    step = max(1, BLOCK_ELEMENTS // max(1, per_channel))
+    step = max(1, block_elements // max(1, per_channel))
 
     def piece(start, stop):
         for a in range(start, stop, step):

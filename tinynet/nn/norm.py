@@ -32,18 +32,20 @@ mu and var; the last two terms are those paths.  In evaluation mode the
 statistics are constants and ``dx = dy * gamma / sqrt(running_var + eps)``.
 
 Speed (CPU).  Channels are independent, so the training forward and backward
-run on blocks of a few rows of the channel matrix (about 256 KB each, where
-the six passes over a row stay in the core's cache) shared between the two
-cores (:func:`tinynet.nn.layout.for_channel_blocks`), writing into arrays
-allocated once.  The two dot products per row (``var`` and ``dgamma``) are
-NumPy's ``vecdot`` instead of ``einsum``: 5x faster, 4x closer to the float64
-sum (sums of 65536 float32 products; a rounding change against the old code
-of about 1e-5 relative), and the same for a row whatever block it is in, so
-the results are the same, bit for bit, on any number of threads.  Measured
-(benchmarks/passes.py, old and new alternating in one process, medians, 64
-channels of 64x32x32, while other jobs kept both cores busy): forward 4.7 ->
-4.4 ms and backward 5.4 -> 4.9 ms on one thread, 5.1 -> 5.0 and 5.5 -> 4.9 ms
-on two; at 128@8x8 (2 MB, in cache anyway) the blocks cost 2-10 %.
+run on blocks of a few rows of the channel matrix (about 1 MB per array),
+shared between the two cores (:func:`tinynet.nn.layout.for_channel_blocks`),
+writing into arrays allocated once.  The two dot products per row (``var``
+and ``dgamma``) are NumPy's ``vecdot`` instead of ``einsum``: 5x faster, 4x
+closer to the float64 sum (sums of 65536 float32 products; a rounding change
+against the old code of about 1e-5 relative), and the same for a row whatever
+block it is in, so the results are the same, bit for bit, on any number of
+threads.  Measured (benchmarks/passes.py, old and new alternating in one
+process, medians of 15 rounds, 64 channels of 64x32x32, while other jobs kept
+the machine loaded): forward 8.9 -> 5.6 ms and backward 9.7 -> 6.2 ms on two
+threads (9.1 -> 7.7 and 10.0 -> 7.3 on one); 128@8x8 (2 MB) unchanged
+(0.65 ms).  Blocks of 256 KB (for the L2 cache) were slower: 8 more calls
+per block cost more than the cache saved, the 32 MB L3 holding these arrays
+anyway.
 """
 from __future__ import annotations
 
@@ -112,6 +114,11 @@ def _normalize(x2, centred, mean, inv_std, gamma, beta, y2):
     return xhat, y2
 
 
+#: Elements per block of rows: 1 MB of float32 per array.  Smaller blocks (256 KB, for the L2 cache)
+#: cost more in calls than they saved: the 32 MB L3 cache holds these arrays anyway.
+_BLOCK_ELEMENTS = 1 << 18
+
+
 def _row_dots(a, b):
     """``sum_m a[c, m] * b[c, m]`` for every row ``c`` of two (C, M) matrices.
 
@@ -153,7 +160,8 @@ def batch_norm_forward_train(x2, gamma, beta, eps):
     mean, var, inv_std = (xp.empty(c, dtype=x2.dtype) for _ in range(3))
     xhat, y2 = xp.empty_like(x2), xp.empty_like(x2)
     for_channel_blocks(c, m, lambda a, b: _forward_train_rows(x2[a:b], gamma[a:b], beta[a:b], eps, mean[a:b],
-                                                              var[a:b], inv_std[a:b], xhat[a:b], y2[a:b]), like=x2)
+                                                              var[a:b], inv_std[a:b], xhat[a:b], y2[a:b]), like=x2,
+                       block_elements=_BLOCK_ELEMENTS)
     return y2, mean, var, BatchNormTrainCache(xhat, gamma, inv_std)
 
 
@@ -202,7 +210,8 @@ def batch_norm_backward_train(dy2, cache):
     dbeta, dgamma = xp.empty(c, dtype=dy2.dtype), xp.empty(c, dtype=dy2.dtype)
     dx2 = xp.empty_like(dy2)
     for_channel_blocks(c, m, lambda a, b: _backward_train_rows(dy2[a:b], xhat[a:b], k[a:b], dgamma[a:b],
-                                                               dbeta[a:b], dx2[a:b]), like=dy2)
+                                                               dbeta[a:b], dx2[a:b]), like=dy2,
+                       block_elements=_BLOCK_ELEMENTS)
     return dx2, dgamma, dbeta
 
 
