@@ -138,13 +138,25 @@ def _fill_columns_fused(xc, kernel, stride, padding, out):
 
 @kernels.fused(_fill_columns_fused)
 def _fill_columns(xc, kernel, stride, padding, out):
-    """``out`` (C, KH, KW, OH, OW, N) <- the receptive fields of ``xc`` (C, H, W, N), C-contiguous."""
+    """``out`` (C, KH, KW, OH, OW, N) <- the receptive fields of ``xc`` (C, H, W, N), C-contiguous.
+
+    Channels are independent: channels ``[a, b)`` are copied by one thread
+    (:func:`tinynet.backend.parallel_for`), the same copies on any number.
+    """
     c, h, w, n = xc.shape
     oh, ow = out.shape[3:5]
-    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
-        # Every receptive-field entry at kernel offset (i, j), for the whole batch.
-        out[:, i, j, rows, cols] = xc[:, in_rows, in_cols]
-        _zero_outside(out[:, i, j], rows, cols)
+    cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
+
+    def fill(a, b):
+        for i, j, rows, cols, in_rows, in_cols in cells:
+            # Every receptive-field entry at kernel offset (i, j), for the whole batch.
+            out[a:b, i, j, rows, cols] = xc[a:b, in_rows, in_cols]
+            _zero_outside(out[a:b, i, j], rows, cols)
+
+    if backend.is_cupy_array(xc):  # (without fused kernels) the GPU needs no host threads
+        fill(0, c)
+    else:
+        backend.parallel_for(c, fill, elements=out.size)
     return out
 
 
@@ -199,12 +211,21 @@ def _sum_columns(dcol, x_chwn_shape, kernel, stride, padding):
     xp = backend.get_array_module(dcol)
     c, h, w, n = x_chwn_shape
     oh, ow = dcol.shape[3:5]
-    dx = xp.zeros(x_chwn_shape, dtype=dcol.dtype)
-    for i, j, rows, cols, in_rows, in_cols in kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)):
-        # += and not =: when the stride is smaller than the kernel, neighbouring
-        # windows overlap and a pixel receives one gradient from each window
-        # that read it (dL/dx is the sum over every use of x).
-        dx[:, in_rows, in_cols] += dcol[:, i, j, rows, cols]
+    dx = xp.empty(x_chwn_shape, dtype=dcol.dtype)
+    cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
+
+    def add_up(a, b):  # channels [a, b), on one thread: the same sums, in the same order, on any number
+        dx[a:b] = 0
+        for i, j, rows, cols, in_rows, in_cols in cells:
+            # += and not =: when the stride is smaller than the kernel, neighbouring
+            # windows overlap and a pixel receives one gradient from each window
+            # that read it (dL/dx is the sum over every use of x).
+            dx[a:b, in_rows, in_cols] += dcol[a:b, i, j, rows, cols]
+
+    if backend.is_cupy_array(dcol):  # (without fused kernels) the GPU needs no host threads
+        add_up(0, c)
+    else:
+        backend.parallel_for(c, add_up, elements=dcol.size)
     return dx
 
 

@@ -30,6 +30,22 @@ Training backward (derived in docs/derivations.md), with ``dy = dL/dy``::
 Every sample's output depends on every other sample of the channel through
 mu and var; the last two terms are those paths.  In evaluation mode the
 statistics are constants and ``dx = dy * gamma / sqrt(running_var + eps)``.
+
+Speed (CPU).  Channels are independent, so the training forward and backward
+run on blocks of a few rows of the channel matrix (about 1 MB per array),
+shared between the two cores (:func:`tinynet.nn.layout.for_channel_blocks`),
+writing into arrays allocated once.  The two dot products per row (``var``
+and ``dgamma``) are NumPy's ``vecdot`` instead of ``einsum``: 5x faster, 4x
+closer to the float64 sum (sums of 65536 float32 products; a rounding change
+against the old code of about 1e-5 relative), and the same for a row whatever
+block it is in, so the results are the same, bit for bit, on any number of
+threads.  Measured (benchmarks/passes.py, old and new alternating in one
+process, medians of 15 rounds, 64 channels of 64x32x32, while other jobs kept
+the machine loaded): forward 8.9 -> 5.6 ms and backward 9.7 -> 6.2 ms on two
+threads (9.1 -> 7.7 and 10.0 -> 7.3 on one); 128@8x8 (2 MB) unchanged
+(0.65 ms).  Blocks of 256 KB (for the L2 cache) were slower: 8 more calls
+per block cost more than the cache saved, the 32 MB L3 holding these arrays
+anyway.
 """
 from __future__ import annotations
 
@@ -39,7 +55,7 @@ import numpy as np
 
 from .. import backend, kernels
 from .geometry import positive_int
-from .layout import channel_matrix, from_channel_matrix
+from .layout import channel_matrix, for_channel_blocks, from_channel_matrix
 from .module import Module, Parameter
 from .validation import check_grad, check_input
 
@@ -77,41 +93,75 @@ _BATCH_NORM_NORMALIZE = kernels.define(
     """)
 
 
-def _normalize_fused(x2, centred, mean, inv_std, gamma, beta):
+def _normalize_fused(x2, centred, mean, inv_std, gamma, beta, y2):
     """The GPU twin of :func:`_normalize`: both outputs in one pass (xhat written over ``centred``)."""
-    xp = backend.get_array_module(x2)
-    y2 = xp.empty_like(x2)
     _BATCH_NORM_NORMALIZE(x2, mean, inv_std, gamma.astype(x2.dtype, copy=False), beta.astype(x2.dtype, copy=False),
                           x2.shape[1], centred, y2)
     return centred, y2
 
 
 @kernels.fused(_normalize_fused)
-def _normalize(x2, centred, mean, inv_std, gamma, beta):
-    """``(xhat, y2)`` with ``xhat = centred * inv_std`` (in place) and ``y2 = gamma xhat + beta``.
+def _normalize(x2, centred, mean, inv_std, gamma, beta, y2):
+    """``(xhat, y2)`` with ``xhat = centred * inv_std`` (in place) and ``y2 = gamma xhat + beta`` (written into ``y2``).
 
     ``centred`` is ``x2 - mean``, which the variance needed already.
     """
+    xp = backend.get_array_module(x2)
     xhat = centred
     xhat *= inv_std[:, None]
-    y2 = xhat * gamma[:, None]
+    xp.multiply(xhat, gamma[:, None], out=y2)
     y2 += beta[:, None]
     return xhat, y2
+
+
+#: Elements per block of rows: 1 MB of float32 per array.  Smaller blocks (256 KB, for the L2 cache)
+#: cost more in calls than they saved: the 32 MB L3 cache holds these arrays anyway.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_dots(a, b):
+    """``sum_m a[c, m] * b[c, m]`` for every row ``c`` of two (C, M) matrices.
+
+    NumPy's ``vecdot`` computes each row on its own (a generalised ufunc, one
+    dot product per row: 5x faster than ``einsum``'s loop here, and 4x closer
+    to the float64 sum), so a channel's result does not depend on the block it
+    falls in; ``einsum`` takes another path, with other rounding, for a block
+    of one row.  NumPy older than 2.0 has no ``vecdot``: one ``dot`` per row.
+    """
+    xp = backend.get_array_module(a)
+    if xp is not np:
+        return xp.einsum("cm,cm->c", a, b)
+    if hasattr(np, "vecdot"):
+        return np.vecdot(a, b)
+    return np.array([np.dot(u, v) for u, v in zip(a, b)], dtype=np.result_type(a, b))
+
+
+def _forward_train_rows(x2, gamma, beta, eps, mean, var, inv_std, xhat, y2):
+    """The training forward of the rows (channels) ``x2``, written into the other arguments' rows."""
+    xp = backend.get_array_module(x2)
+    m = x2.shape[1]
+    mean[...] = x2.mean(axis=1)
+    centred = xp.subtract(x2, mean[:, None], out=xhat)  # becomes xhat in place
+    var[...] = _row_dots(centred, centred) / m
+    inv_std[...] = 1.0 / xp.sqrt(var + eps)
+    _normalize(x2, centred, mean, inv_std, gamma, beta, y2)
 
 
 def batch_norm_forward_train(x2, gamma, beta, eps):
     """Normalise each row of ``x2`` (C, M) with its own mean and variance.
 
     Returns ``(y2, mean, var, cache)``: ``var`` is the biased batch variance,
-    ``cache`` a :class:`BatchNormTrainCache`.
+    ``cache`` a :class:`BatchNormTrainCache`.  The rows are independent: they
+    are computed in blocks of a few channels, shared between the threads
+    (:func:`tinynet.nn.layout.for_channel_blocks`; see the module docstring).
     """
     xp = backend.get_array_module(x2)
-    m = x2.shape[1]
-    mean = x2.mean(axis=1)
-    centred = x2 - mean[:, None]  # becomes xhat in place
-    var = xp.einsum("cm,cm->c", centred, centred) / m
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    xhat, y2 = _normalize(x2, centred, mean, inv_std, gamma, beta)
+    c, m = x2.shape
+    mean, var, inv_std = (xp.empty(c, dtype=x2.dtype) for _ in range(3))
+    xhat, y2 = xp.empty_like(x2), xp.empty_like(x2)
+    for_channel_blocks(c, m, lambda a, b: _forward_train_rows(x2[a:b], gamma[a:b], beta[a:b], eps, mean[a:b],
+                                                              var[a:b], inv_std[a:b], xhat[a:b], y2[a:b]), like=x2,
+                       block_elements=_BLOCK_ELEMENTS)
     return y2, mean, var, BatchNormTrainCache(xhat, gamma, inv_std)
 
 
@@ -123,30 +173,46 @@ _BATCH_NORM_BACKWARD_DX = kernels.define(
     """)
 
 
-def _input_grad_fused(dy2, xhat, k, dbeta, dgamma):
+def _input_grad_fused(dy2, xhat, k, dbeta, dgamma, dx2):
     """The GPU twin of :func:`_input_grad`, in one pass."""
-    xp = backend.get_array_module(dy2)
     m = dy2.shape[1]
-    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / m, dgamma / m, m, xp.empty_like(dy2))
+    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / m, dgamma / m, m, dx2)
 
 
 @kernels.fused(_input_grad_fused)
-def _input_grad(dy2, xhat, k, dbeta, dgamma):
-    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``."""
+def _input_grad(dy2, xhat, k, dbeta, dgamma, dx2):
+    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``, into ``dx2``."""
+    xp = backend.get_array_module(dy2)
     m = dy2.shape[1]
-    dx2 = xhat * (-k * dgamma / m)[:, None]
+    xp.multiply(xhat, (-k * dgamma / m)[:, None], out=dx2)
     dx2 += (-k * dbeta / m)[:, None]
     dx2 += dy2 * k[:, None]
     return dx2
 
 
+def _backward_train_rows(dy2, xhat, k, dgamma, dbeta, dx2):
+    """The training backward of the rows (channels) ``dy2``, written into the other arguments' rows."""
+    xp = backend.get_array_module(dy2)
+    dbeta[...] = dy2.sum(axis=1)
+    dgamma[...] = _row_dots(dy2, xhat)
+    _input_grad(dy2, xhat, k, dbeta, dgamma, dx2)
+
+
 def batch_norm_backward_train(dy2, cache):
-    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_train`; ``dy2`` (C, M) is not modified."""
+    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_train`; ``dy2`` (C, M) is not modified.
+
+    In blocks of channels shared between the threads, as the forward.
+    """
     xp = backend.get_array_module(dy2)
     xhat, gamma, inv_std = cache
-    dbeta = dy2.sum(axis=1)
-    dgamma = xp.einsum("cm,cm->c", dy2, xhat)
-    return _input_grad(dy2, xhat, gamma * inv_std, dbeta, dgamma), dgamma, dbeta
+    c, m = dy2.shape
+    k = gamma * inv_std
+    dbeta, dgamma = xp.empty(c, dtype=dy2.dtype), xp.empty(c, dtype=dy2.dtype)
+    dx2 = xp.empty_like(dy2)
+    for_channel_blocks(c, m, lambda a, b: _backward_train_rows(dy2[a:b], xhat[a:b], k[a:b], dgamma[a:b],
+                                                               dbeta[a:b], dx2[a:b]), like=dy2,
+                       block_elements=_BLOCK_ELEMENTS)
+    return dx2, dgamma, dbeta
 
 
 def batch_norm_forward_eval(x2, gamma, beta, running_mean, running_var, eps):

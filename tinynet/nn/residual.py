@@ -53,7 +53,7 @@ class BasicBlock(Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        out += identity  # bn2's output is a fresh array nobody else holds
+        add(out, identity, out=out)  # out += identity: bn2's output is a fresh array nobody else holds
         return self.relu2(out)
 
     def backward(self, dout):
