@@ -87,6 +87,14 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
+        """Update every parameter whose ``.grad`` is set.
+
+        Two phases: first every check (the learning rates, the devices, the state's shapes),
+        then the updates (:meth:`_update_all`).  A step that raises therefore changes no
+        parameter and no state: a half-done step (some parameters updated, their step counts
+        advanced, the others not) would be silently wrong state that a retry cannot repair.
+        """
+        work = []
         for i, group in enumerate(self.param_groups):
             # A schedule, or code that sets group["lr"], can make it what the constructor refuses.
             _check_number(f"{type(self).__name__}.step, group {i}", "lr", group["lr"])
@@ -97,20 +105,39 @@ class Optimizer:
                     raise RuntimeError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} "
                                        f"(shape {tuple(p.shape)}) is on {backend.device_of(p.grad)} but the "
                                        f"parameter on {backend.device_of(p.data)}")
-                state = self.state.setdefault(id(p), {})
+                state = self.state.get(id(p))
                 if state:
-                    self._follow_parameter(state, p, f"group {i}, parameter {j}")
-                self._update(p, group, state)
+                    self._check_state_shapes(state, p, f"group {i}, parameter {j}")
+                work.append((group, p))
+        items = []
+        for group, p in work:
+            state = self.state.setdefault(id(p), {})
+            if state:
+                self._follow_parameter(state, p)
+            items.append((p, group, state))
+        self._update_all(items)
 
-    def _follow_parameter(self, state: dict, p, where: str) -> None:
+    def _update_all(self, items) -> None:
+        """Apply the update rule to every ``(parameter, group, state)`` of this step, in order.
+
+        The plain version: one parameter after the other.  Adam overrides it to run the
+        host parameters' updates as one threaded pass (see :mod:`tinynet.optim.adam`).
+        """
+        for p, group, state in items:
+            self._update(p, group, state)
+
+    def _check_state_shapes(self, state: dict, p, where: str) -> None:
+        for key, value in state.items():
+            if getattr(value, "ndim", 0) != 0 and tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{type(self).__name__}: {where} has shape {tuple(p.shape)} but its state "
+                                 f"{key!r} has shape {tuple(value.shape)}: the state was made for another "
+                                 f"parameter (was the model rebuilt after the optimizer?)")
+
+    def _follow_parameter(self, state: dict, p) -> None:
         """Move ``state``'s arrays to ``p``'s device and dtype if ``p`` moved since they were made."""
         for key, value in state.items():
             if getattr(value, "ndim", 0) == 0:
                 continue  # the step count, or another plain number
-            if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"{type(self).__name__}: {where} has shape {tuple(p.shape)} but its state "
-                                 f"{key!r} has shape {tuple(value.shape)}: the state was made for another "
-                                 f"parameter (was the model rebuilt after the optimizer?)")
             if value.dtype != p.dtype or backend.is_cupy_array(value) != backend.is_cupy_array(p.data):
                 state[key] = backend.copy_to_device_of(value, p.data, dtype=p.dtype)
 
