@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinynet import backend, nn, optim
-from tinynet.optim import adam
+from tinynet.optim import adam, optimizer
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_rows_of_partition_every_array():
         for k, (rows, per_row) in enumerate(sizes):
             covered = []
             for start, stop in zip(cuts[:-1], cuts[1:]):
-                a, b = adam._rows_of(rows * per_row, int(offsets[k]), rows, start, stop)
+                a, b = optimizer._rows_of(rows * per_row, int(offsets[k]), rows, start, stop)
                 covered.extend(range(a, b))
             assert covered == list(range(rows)), (cuts, k)
 
@@ -131,8 +131,8 @@ def test_parameters_sharing_memory_update_as_one_after_the_other(rng, two_thread
     ea, eb = nn.Parameter(expected[:200000]), nn.Parameter(expected[200000:].reshape(1000, 200))
     ec = nn.Parameter(ea.data)
     opt, ref = optim.Adam([a, b, c], lr=0.1), optim.Adam([ea, eb, ec], lr=0.1)
-    assert adam._arrays_of_different_steps_may_overlap(
-        [(p.data, p.data, np.zeros(p.shape), np.zeros(p.shape)) for p in (a, b, c)])
+    assert optimizer._may_overlap(
+        [(p.data, p.data, np.zeros(p.shape), np.zeros(p.shape)) for p in (a, b, c)], 4, (0, 2, 3))
     for _ in range(2):
         for p, q in ((a, ea), (b, eb), (c, ec)):
             p.grad = rng.standard_normal(p.shape).astype(np.float32)
@@ -146,9 +146,9 @@ def test_parameters_sharing_memory_update_as_one_after_the_other(rng, two_thread
 def test_separate_parameters_do_not_look_shared(rng):
     params = [nn.Parameter(rng.standard_normal((300, 300)).astype(np.float32)) for _ in range(3)]
     steps = [(p.data, rng.standard_normal(p.shape), np.zeros(p.shape), np.zeros(p.shape)) for p in params]
-    assert not adam._arrays_of_different_steps_may_overlap(steps)
+    assert not optimizer._may_overlap(steps, 4, (0, 2, 3))
     grad = rng.standard_normal((300, 300))  # one gradient array read by two steps is fine
-    assert not adam._arrays_of_different_steps_may_overlap([(s[0], grad) + s[2:] for s in steps])
+    assert not optimizer._may_overlap([(s[0], grad) + s[2:] for s in steps], 4, (0, 2, 3))
 
 
 def test_a_step_that_raises_changes_nothing(rng):
@@ -186,3 +186,35 @@ def test_state_dict_round_trip_with_threads(rng, two_threads):
         opt_b.step()
     for p, q in zip(ps, qs):
         np.testing.assert_array_equal(p.data, q.data)
+
+
+@pytest.mark.parametrize("momentum, dampening, wd, nesterov",
+                         [(0.0, 0.0, 0.0, False), (0.0, 0.0, 1e-3, False), (0.9, 0.0, 5e-4, False),
+                          (0.9, 0.1, 0.0, False), (0.9, 0.0, 5e-4, True)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sgd_equals_the_plain_rule_bit_for_bit(momentum, dampening, wd, nesterov, dtype, rng, two_threads):
+    from tinynet.optim import sgd
+
+    w0 = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    params = [nn.Parameter(w.copy()) for w in w0]
+    opt = optim.SGD(params, lr=0.05, momentum=momentum, dampening=dampening, weight_decay=wd, nesterov=nesterov)
+    w, bufs = [x.copy() for x in w0], [None] * len(w0)
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+        if step == 1:
+            grads[3] = None  # no gradient this step: neither the parameter nor its buffer moves
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if g is None else g.copy()
+            if g is None:
+                continue
+            first = momentum and bufs[i] is None
+            if first:
+                bufs[i] = np.empty_like(w[i])
+            sgd._sgd_step_plain(w[i], g, bufs[i], 0.05, momentum, dampening, wd, nesterov, first)
+        opt.step()
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(p.data, w[i])
+        if momentum:
+            np.testing.assert_array_equal(opt.state[id(p)]["momentum_buffer"], bufs[i])
+        else:
+            assert "momentum_buffer" not in opt.state[id(p)]

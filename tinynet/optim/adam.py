@@ -18,15 +18,20 @@ tinynet does the same so that runs agree step by step (to float rounding).
 Speed (CPU).  :func:`_adam_step_plain` is the update line by line;
 :func:`_adam_step` computes it in 12 passes with one scratch array (13 passes
 and two divisions before; the coupled weight decay no longer makes two fresh
-arrays per parameter), and :func:`_adam_steps_threaded` runs all host
+arrays per parameter), and :func:`tinynet.optim.optimizer.split_updates` runs all host
 parameters of a step as one :func:`tinynet.backend.parallel_for`, split by
 element count into rows of the parameters, in blocks of
-:data:`CHUNK_ELEMENTS` so that a block's five arrays stay in the caches.
-ResNet18's 11.2 M float32 parameters, one Adam step, medians of 21 alternated
-rounds in one process (``benchmarks/optim_step.py``): CPU time of one thread
-26.97 -> 23.59 ms; on two threads the wall clock drops further where the
-second core is free (on the shared test machine it rarely was, so that number
-was not measurable there).
+:data:`tinynet.optim.optimizer.CHUNK_ELEMENTS` so that a block's five arrays stay in the caches.
+ResNet18's 11.2 M float32 parameters, one step, old vs new in one process,
+medians of 21 alternated rounds (see also ``benchmarks/optim_step.py``)::
+
+                   wall clock, 2 threads       CPU time, 1 thread
+    Adam                    -                  26.97 -> 23.59 ms
+    AdamW           29.07 -> 22.60 ms          29.41 -> 24.08 ms
+    Adam, L2 5e-4   33.66 -> 25.34 ms          34.69 -> 26.84 ms
+
+The wall clock was taken on a 2-core machine shared with other work: where its
+second core was free, AdamW took 15.7 ms (minimum of 21) against 26.5 before.
 
 What was measured and not done: flat buffers.  One flat ``exp_avg`` and
 ``exp_avg_sq`` would turn 62 parameters' ``m *= b1`` into one call but not
@@ -43,7 +48,7 @@ import math
 import numpy as np
 
 from .. import backend, kernels
-from .optimizer import Optimizer, _check_number
+from .optimizer import Optimizer, _check_number, split_updates
 
 __all__ = ["Adam", "AdamW"]
 
@@ -122,89 +127,6 @@ def _adam_step(p, g, m, v, b1, b2, step_size, sqrt_bc2, eps, weight_decay=0.0, d
     p -= tmp
 
 
-CHUNK_ELEMENTS = 1 << 16
-
-
-def _rows_of(n: int, offset: int, rows: int, start: int, stop: int) -> tuple:
-    """Rows ``[a, b)`` of an array with ``rows`` rows and ``n`` elements that lies at ``offset`` in a
-    concatenation, for the piece ``[start, stop)`` of that concatenation.
-
-    A row belongs to the piece that holds its first element, so the pieces of a
-    :func:`tinynet.backend.parallel_for` split every array into disjoint rows that cover it.
-    """
-    per_row = n // rows
-
-    def row(x):  # the first row that starts at or after element x of the concatenation
-        return min(rows, max(0, -((offset - x) // per_row)))
-
-    return row(start), row(stop)
-
-
-def _adam_steps_threaded(steps) -> None:
-    """Run :func:`_adam_step` for every ``args`` tuple of ``steps`` (host arrays), as one threaded pass.
-
-    The parameters are laid end to end (``offsets``) and
-    :func:`tinynet.backend.parallel_for` cuts that concatenation into one piece per
-    thread, balanced by element count; each thread updates the rows (axis 0) of every
-    parameter that fall in its piece.  Rows of one array never go to two threads, and the
-    slices ``p[a:b]`` are views of the caller's arrays, so every update lands in place.
-    ResNet18's 62 parameters thus take one ``parallel_for``, not 62 (a thread's start
-    costs ~20-50 us).
-    """
-    sizes = [args[0].size for args in steps]
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    total = offsets[-1]
-
-    def body(start, stop):
-        for k, args in enumerate(steps):
-            lo, hi = offsets[k], offsets[k + 1]
-            if hi <= start or lo >= stop or sizes[k] == 0:
-                continue
-            p, g, m, v = args[:4]
-            if p.ndim == 0:  # a scalar parameter: whole, in the piece that holds it
-                if start <= lo:
-                    _adam_step(*args)
-                continue
-            a, b = _rows_of(sizes[k], lo, p.shape[0], start, stop)
-            block = max(1, CHUNK_ELEMENTS * p.shape[0] // sizes[k])  # rows per block
-            for r in range(a, b, block):
-                e = min(b, r + block)
-                _adam_step(p[r:e], g[r:e], m[r:e], v[r:e], *args[4:])
-
-    if _arrays_of_different_steps_may_overlap(steps):
-        body(0, total)  # one thread, in order: what the plain loop over parameters does
-    else:
-        backend.parallel_for(total, body, total)
-
-
-def _memory_owner(a):
-    """The object that owns ``a``'s memory: two arrays with different owners cannot overlap."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a if a.base is None else a.base
-
-
-def _arrays_of_different_steps_may_overlap(steps) -> bool:
-    """Whether an array that one update writes (``p``, ``m``, ``v``) shares its memory's owner with
-    any array of another update.
-
-    Two threads must never write the same memory, nor one write what the other reads.  Each
-    ``Parameter`` and each moment buffer normally owns its memory; a parameter whose ``data``
-    is a view of another's (or of one flat buffer), a gradient that is another parameter's
-    array, or state set by hand to another's array, makes the whole step run on one thread,
-    in order, as the plain loop does.  Gradients may share an owner with each other (they are
-    only read).  Cost: ~50 us for ResNet18's 62 parameters.
-    """
-    written = {}
-    for k, args in enumerate(steps):
-        for a in (args[0], args[2], args[3]):
-            if written.setdefault(id(_memory_owner(a)), k) != k:
-                return True
-    return any(written.get(id(_memory_owner(args[1])), k) != k for k, args in enumerate(steps))
-
-
 class Adam(Optimizer):
     _decoupled = False
 
@@ -244,7 +166,7 @@ class Adam(Optimizer):
             else:
                 _adam_step(*args)  # the fused kernel, one launch per parameter
         if host:
-            _adam_steps_threaded(host)
+            split_updates(_adam_step, host, arrays=4, written=(0, 2, 3))
 
 
 class AdamW(Adam):
