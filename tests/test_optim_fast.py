@@ -218,3 +218,12 @@ def test_sgd_equals_the_plain_rule_bit_for_bit(momentum, dampening, wd, nesterov
             np.testing.assert_array_equal(opt.state[id(p)]["momentum_buffer"], bufs[i])
         else:
             assert "momentum_buffer" not in opt.state[id(p)]
+
+
+def test_a_gradient_of_another_shape_is_refused_before_any_update(rng):
+    p, q = nn.Parameter(rng.standard_normal((4, 3))), nn.Parameter(rng.standard_normal((4, 3)))
+    before = p.data.copy()
+    p.grad, q.grad = np.ones((4, 3)), np.ones(3)  # (3,) would broadcast over q's rows
+    with pytest.raises(ValueError, match=r"parameter 1 has shape \(3,\)"):
+        optim.Adam([p, q]).step()
+    np.testing.assert_array_equal(p.data, before)

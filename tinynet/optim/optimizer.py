@@ -89,7 +89,8 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter whose ``.grad`` is set.
 
-        Two phases: first every check (the learning rates, the devices, the state's shapes),
+        Two phases: first every check (the learning rates, the devices, the gradients' and the
+        state's shapes),
         then the updates (:meth:`_update_all`).  A step that raises therefore changes no
         parameter and no state: a half-done step (some parameters updated, their step counts
         advanced, the others not) would be silently wrong state that a retry cannot repair.
@@ -105,6 +106,12 @@ class Optimizer:
                     raise RuntimeError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} "
                                        f"(shape {tuple(p.shape)}) is on {backend.device_of(p.grad)} but the "
                                        f"parameter on {backend.device_of(p.data)}")
+                if tuple(getattr(p.grad, "shape", ())) != tuple(p.shape):
+                    # NumPy would broadcast some of these silently, and the threaded updates slice
+                    # the gradient by the parameter's rows
+                    raise ValueError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} has "
+                                     f"shape {tuple(getattr(p.grad, 'shape', ()))}, the parameter "
+                                     f"{tuple(p.shape)}")
                 state = self.state.get(id(p))
                 if state:
                     self._check_state_shapes(state, p, f"group {i}, parameter {j}")
