@@ -72,7 +72,7 @@ class ResNet(Module):
         """The pooled features (N, 512), i.e. the input of ``fc``."""
         stages = self._stages()[:-1]
         if fusion.can_fuse(self, self.conv1, self.bn1, self.relu):
-            # evaluation without gradients: conv1, bn1 and relu as one convolution (tinynet.nn.fusion)
+            # evaluation without gradients: bn1 and relu in place on conv1's output (tinynet.nn.fusion)
             x = fusion.conv_bn_eval(self.conv1, self.bn1, x, relu=True)
             stages = stages[3:]
         for layer in stages:

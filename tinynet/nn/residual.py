@@ -14,8 +14,8 @@ This is why no backward may modify its ``dout`` argument: both branches read
 the same ``g``.
 
 In evaluation mode without gradients the block runs fused
-(:mod:`tinynet.nn.fusion`): each BatchNorm folded into its convolution, the
-sum and the ReLUs in place on the second convolution's output.
+(:mod:`tinynet.nn.fusion`): each BatchNorm's scale and shift, the sum and the
+ReLUs in place on the convolutions' fresh outputs (bit for bit the same numbers).
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ class BasicBlock(Module):
         return self.relu2(out)
 
     def _forward_fused(self, x):
-        """The same block for evaluation without gradients, each BatchNorm folded into its convolution
-        and the ReLUs and the sum in place (:mod:`tinynet.nn.fusion`)."""
+        """The same block for evaluation without gradients: each BatchNorm, the sum and the ReLUs in
+        place on the convolutions' outputs (:mod:`tinynet.nn.fusion`)."""
         ds = self.downsample
         if ds is None:
             identity = x

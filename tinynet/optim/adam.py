@@ -107,7 +107,7 @@ def _adam_step(p, g, m, v, b1, b2, step_size, sqrt_bc2, eps, weight_decay=0.0, d
     # this thread's (backend.scratch) and dies with this call.
     tmp = backend.scratch("adam.tmp", p.shape, p.dtype, like=p)
     if decay != 1.0:
-        p *= decay  # AdamW: W <- W (1 - lr wd), before the step reads nothing of W
+        p *= decay  # AdamW: W <- W (1 - lr wd), then the Adam step
     if weight_decay:
         gd = backend.scratch("adam.decayed_grad", p.shape, p.dtype, like=p)
         xp.multiply(p, weight_decay, out=gd)
