@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..nn import (AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU,
                   Sequential)
+from ..nn import fusion
 from ..nn.init import kaiming_init_
 
 __all__ = ["ResNet", "resnet18", "make_head"]
@@ -69,7 +70,12 @@ class ResNet(Module):
 
     def features(self, x):
         """The pooled features (N, 512), i.e. the input of ``fc``."""
-        for layer in self._stages()[:-1]:
+        stages = self._stages()[:-1]
+        if fusion.can_fuse(self, self.conv1, self.bn1, self.relu):
+            # evaluation without gradients: bn1 and relu in place on conv1's output (tinynet.nn.fusion)
+            x = fusion.conv_bn_eval(self.conv1, self.bn1, x, relu=True)
+            stages = stages[3:]
+        for layer in stages:
             x = layer(x)
         return x
 

@@ -12,14 +12,19 @@ both branches unchanged, and ``x`` fans out into both, so their gradients add::
 
 This is why no backward may modify its ``dout`` argument: both branches read
 the same ``g``.
+
+In evaluation mode without gradients the block runs fused
+(:mod:`tinynet.nn.fusion`): each BatchNorm's scale and shift, the sum and the
+ReLUs in place on the convolutions' fresh outputs (bit for bit the same numbers).
 """
 from __future__ import annotations
 
+from . import fusion
 from .activation import ReLU
 from .conv import Conv2d
 from .init import kaiming_init_  # noqa: F401  (its home was this module; still importable from here)
 from .layout import add
-from .module import Module
+from .module import Module, Sequential
 from .norm import BatchNorm2d
 
 __all__ = ["BasicBlock"]
@@ -50,11 +55,27 @@ class BasicBlock(Module):
         self.stride = stride
 
     def forward(self, x):
+        if fusion.can_fuse(self, self.conv1, self.bn1, self.relu1) and fusion.can_fuse(self, self.conv2, self.bn2,
+                                                                                     self.relu2):
+            return self._forward_fused(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         add(out, identity, out=out)  # out += identity: bn2's output is a fresh array nobody else holds
         return self.relu2(out)
+
+    def _forward_fused(self, x):
+        """The same block for evaluation without gradients: each BatchNorm, the sum and the ReLUs in
+        place on the convolutions' outputs (:mod:`tinynet.nn.fusion`)."""
+        ds = self.downsample
+        if ds is None:
+            identity = x
+        elif type(ds) is Sequential and len(ds) == 2 and fusion.can_fuse(self, ds[0], ds[1]):
+            identity = fusion.conv_bn_eval(ds[0], ds[1], x)
+        else:
+            identity = ds(x)
+        out = fusion.conv_bn_eval(self.conv1, self.bn1, x, relu=True)
+        return fusion.conv_bn_eval(self.conv2, self.bn2, out, relu=True, residual=identity)
 
     def backward(self, dout):
         g = self.relu2.backward(dout)  # gradient of the sum, shared by both branches

@@ -87,6 +87,15 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
+        """Update every parameter whose ``.grad`` is set.
+
+        Two phases: first every check (the learning rates, the devices, the gradients' and the
+        state's shapes),
+        then the updates (:meth:`_update_all`).  A step that raises therefore changes no
+        parameter and no state: a half-done step (some parameters updated, their step counts
+        advanced, the others not) would be silently wrong state that a retry cannot repair.
+        """
+        work = []
         for i, group in enumerate(self.param_groups):
             # A schedule, or code that sets group["lr"], can make it what the constructor refuses.
             _check_number(f"{type(self).__name__}.step, group {i}", "lr", group["lr"])
@@ -97,20 +106,45 @@ class Optimizer:
                     raise RuntimeError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} "
                                        f"(shape {tuple(p.shape)}) is on {backend.device_of(p.grad)} but the "
                                        f"parameter on {backend.device_of(p.data)}")
-                state = self.state.setdefault(id(p), {})
+                if tuple(getattr(p.grad, "shape", ())) != tuple(p.shape):
+                    # NumPy would broadcast some of these silently, and the threaded updates slice
+                    # the gradient by the parameter's rows
+                    raise ValueError(f"{type(self).__name__}: the gradient of group {i}, parameter {j} has "
+                                     f"shape {tuple(getattr(p.grad, 'shape', ()))}, the parameter "
+                                     f"{tuple(p.shape)}")
+                state = self.state.get(id(p))
                 if state:
-                    self._follow_parameter(state, p, f"group {i}, parameter {j}")
-                self._update(p, group, state)
+                    self._check_state_shapes(state, p, f"group {i}, parameter {j}")
+                work.append((group, p))
+        items = []
+        for group, p in work:
+            state = self.state.setdefault(id(p), {})
+            if state:
+                self._follow_parameter(state, p)
+            items.append((p, group, state))
+        self._update_all(items)
 
-    def _follow_parameter(self, state: dict, p, where: str) -> None:
+    def _update_all(self, items) -> None:
+        """Apply the update rule to every ``(parameter, group, state)`` of this step, in order.
+
+        The plain version: one parameter after the other.  Adam overrides it to run the
+        host parameters' updates as one threaded pass (see :mod:`tinynet.optim.adam`).
+        """
+        for p, group, state in items:
+            self._update(p, group, state)
+
+    def _check_state_shapes(self, state: dict, p, where: str) -> None:
+        for key, value in state.items():
+            if getattr(value, "ndim", 0) != 0 and tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{type(self).__name__}: {where} has shape {tuple(p.shape)} but its state "
+                                 f"{key!r} has shape {tuple(value.shape)}: the state was made for another "
+                                 f"parameter (was the model rebuilt after the optimizer?)")
+
+    def _follow_parameter(self, state: dict, p) -> None:
         """Move ``state``'s arrays to ``p``'s device and dtype if ``p`` moved since they were made."""
         for key, value in state.items():
             if getattr(value, "ndim", 0) == 0:
                 continue  # the step count, or another plain number
-            if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"{type(self).__name__}: {where} has shape {tuple(p.shape)} but its state "
-                                 f"{key!r} has shape {tuple(value.shape)}: the state was made for another "
-                                 f"parameter (was the model rebuilt after the optimizer?)")
             if value.dtype != p.dtype or backend.is_cupy_array(value) != backend.is_cupy_array(p.data):
                 state[key] = backend.copy_to_device_of(value, p.data, dtype=p.dtype)
 
@@ -173,3 +207,91 @@ class Optimizer:
     def __repr__(self):
         settings = ", ".join(f"{k}={v}" for k, v in self.param_groups[0].items() if k != "params")
         return f"{type(self).__name__}({settings})"
+
+
+# -- the update of many parameters as one threaded pass -----------------------------
+#: Rows of a parameter are updated in blocks of about this many elements, so that a block's
+#: arrays (parameter, gradient, state, scratch: 5 x 256 KB for Adam) stay in the caches.
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _rows_of(n: int, offset: int, rows: int, start: int, stop: int) -> tuple:
+    """Rows ``[a, b)`` of an array with ``rows`` rows and ``n`` elements that lies at ``offset`` in a
+    concatenation, for the piece ``[start, stop)`` of that concatenation.
+
+    A row belongs to the piece that holds its first element, so the pieces of a
+    :func:`tinynet.backend.parallel_for` split every array into disjoint rows that cover it.
+    """
+    per_row = n // rows
+
+    def row(x):  # the first row that starts at or after element x of the concatenation
+        return min(rows, max(0, -((offset - x) // per_row)))
+
+    return row(start), row(stop)
+
+
+def _memory_owner(a):
+    """The object that owns ``a``'s memory: two arrays with different owners cannot overlap."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+def _may_overlap(steps, arrays: int, written) -> bool:
+    """Whether an array that one update writes shares its memory's owner with any array of another.
+
+    Two threads must never write the same memory, nor one write what the other reads.  Each
+    ``Parameter`` and each state buffer normally owns its memory; a parameter whose ``data``
+    is a view of another's (or of one flat buffer), a gradient that is another parameter's
+    array, or state set by hand to another's array, makes the whole step run on one thread,
+    in order, as the plain loop does.  Arrays that are only read (gradients) may share an
+    owner with each other.  Cost: ~50 us for ResNet18's 62 parameters.
+    """
+    owners = {}
+    for k, args in enumerate(steps):
+        for i in written:
+            if args[i] is not None and owners.setdefault(id(_memory_owner(args[i])), k) != k:
+                return True
+    return any(args[i] is not None and owners.get(id(_memory_owner(args[i])), k) != k
+               for k, args in enumerate(steps) for i in range(arrays) if i not in written)
+
+
+def split_updates(kernel, steps, arrays: int, written) -> None:
+    """Run ``kernel(*args)`` for every ``args`` of ``steps`` (host arrays), as one threaded pass.
+
+    ``args[:arrays]`` are arrays of the parameter's shape (or None), the rest scalars;
+    ``written`` are the indices of those the kernel writes.  The parameters are laid end to
+    end (``offsets``) and :func:`tinynet.backend.parallel_for` cuts that concatenation into
+    one piece per thread, balanced by element count; each thread runs the kernel on the rows
+    (axis 0) of every parameter that fall in its piece, in blocks of :data:`CHUNK_ELEMENTS`.
+    Rows of one array never go to two threads, and the slices ``a[r:e]`` are views of the
+    caller's arrays, so every update lands in place.  ResNet18's 62 parameters thus take one
+    ``parallel_for``, not 62 (a thread's start costs ~20-50 us).  The kernel is element-wise:
+    its result on a slice is its result on the whole array, sliced.
+    """
+    sizes = [args[0].size for args in steps]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+
+    def body(start, stop):
+        for k, args in enumerate(steps):
+            lo, hi = offsets[k], offsets[k + 1]
+            if hi <= start or lo >= stop or sizes[k] == 0:
+                continue
+            p = args[0]
+            if p.ndim == 0:  # a scalar parameter: whole, in the piece that holds it
+                if start <= lo:
+                    kernel(*args)
+                continue
+            a, b = _rows_of(sizes[k], lo, p.shape[0], start, stop)
+            block = max(1, CHUNK_ELEMENTS * p.shape[0] // sizes[k])  # rows per block
+            for r in range(a, b, block):
+                e = min(b, r + block)
+                kernel(*(x if x is None else x[r:e] for x in args[:arrays]), *args[arrays:])
+
+    if _may_overlap(steps, arrays, written):
+        body(0, total)  # one thread, in order: what the plain loop over parameters does
+    else:
+        backend.parallel_for(total, body, total)
