@@ -152,3 +152,17 @@ def test_conv_im2col_col2im(threads, rng, shape, k, s, p):
     assert_same_on_one_and_two_threads(threads, make, chwn(rng, shape))
     # NCHW images (the first layer's input) are reordered first, then split the same way
     assert_same_on_one_and_two_threads(threads, make, rng.standard_normal(shape).astype(np.float32))
+
+
+def test_relu_under_no_grad_computes_no_mask_and_keeps_nothing():
+    import tinynet
+    from tinynet.nn.activation import relu_forward
+
+    x = np.random.default_rng(3).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    y, mask = relu_forward(x, need_mask=False)
+    assert mask is None
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    layer = tinynet.nn.ReLU()
+    with tinynet.no_grad():
+        np.testing.assert_array_equal(layer(x), np.maximum(x, 0))
+    assert layer.pending_calls == 0

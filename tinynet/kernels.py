@@ -21,7 +21,7 @@ kernel                      replaces                                    defined 
 ``relu_backward``           compare + multiply                          :mod:`tinynet.nn.activation`
 ``batch_norm_normalize``    3 passes (scale, gamma, beta)               :mod:`tinynet.nn.norm`
 ``batch_norm_backward_dx``  4 passes                                    :mod:`tinynet.nn.norm`
-``adam_update``             13 passes per parameter                     :mod:`tinynet.optim.adam`
+``adam_update``             12 passes per parameter                     :mod:`tinynet.optim.adam`
 ==========================  ==========================================  ==========================
 
 The mechanism is two functions:

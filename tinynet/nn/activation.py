@@ -33,20 +33,25 @@ from __future__ import annotations
 from .. import backend, kernels
 from .functional import softmax
 from .layout import for_flat_pieces
-from .module import Module, check_overwritable, keep_output, release_output
+from .module import Module, check_overwritable, is_grad_enabled, keep_output, release_output
 from .validation import check_float, check_grad
 
 __all__ = ["relu_forward", "relu_backward", "ReLU", "Softmax"]
 
 
-def relu_forward(x, inplace: bool = False):
+def relu_forward(x, inplace: bool = False, need_mask: bool = True):
     """``y = max(x, 0)`` (written over ``x`` when ``inplace``); the cache is the mask ``[y > 0]`` (bool).
 
     Both arrays keep ``x``'s memory layout (``empty_like``): CuPy's ufuncs would
-    return C-contiguous arrays and turn a CHWN activation into NCHW.
+    return C-contiguous arrays and turn a CHWN activation into NCHW.  With
+    ``need_mask=False`` (no backward will run: ``no_grad``) the mask is not
+    computed and None is returned in its place.
     """
     xp = backend.get_array_module(x)
     y = x if inplace else xp.empty_like(x)
+    if not need_mask:
+        for_flat_pieces(lambda x, y: xp.maximum(x, 0, out=y), x, y)
+        return y, None
     mask = xp.empty_like(y, dtype=bool)
 
     def rectify(x, y, mask):
@@ -94,7 +99,7 @@ class ReLU(Module):
         check_float(self, x)
         if self.inplace:
             check_overwritable(self, x)
-        y, mask = relu_forward(x, self.inplace)
+        y, mask = relu_forward(x, self.inplace, need_mask=is_grad_enabled())
         self._save_for_backward(mask, y.dtype)
         return y
 
