@@ -127,3 +127,90 @@ def test_fused_forward_keeps_the_layers_input_checks(rng):
         model(rng.standard_normal((2, 4, 32, 32)).astype(np.float32))
     with tinynet.no_grad(), pytest.raises(ValueError, match="dtype"):
         model(rng.standard_normal((2, 3, 32, 32)))  # float64 into a float32 model
+
+
+# ---------------------------------------------------------------------------
+# ReLU and max pooling commute: the models run the pool first
+# ---------------------------------------------------------------------------
+def _run_in_order(layers, x, g):
+    """Forward through ``layers`` in the given order, then backward reversed; the output and dx."""
+    for layer in layers:
+        x = layer(x)
+    out = x.copy()
+    for layer in reversed(layers):
+        g = layer.backward(g)
+    return out, g
+
+
+def _awkward_input(rng, shape, dtype):
+    """Values with ties, exact zeros, windows that are all negative, and a NaN."""
+    x = rng.standard_normal(shape)
+    x[rng.random(shape) < 0.2] = 0.0
+    x = np.round(x, 1)  # many ties
+    x[0, 0, :4, :4] = -1.5  # an all-negative window
+    x[-1, -1, 1, 2] = np.nan
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("pool", [(4, None, 0), (2, None, 0), (3, 2, 1), (2, 1, 0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_then_max_pool_equals_max_pool_then_relu_bit_for_bit(pool, dtype):
+    from tinynet.nn.fusion import pool_before_relu
+
+    rng = np.random.default_rng(7)
+    x = _awkward_input(rng, (3, 4, 12, 12), dtype)
+    layers = [nn.ReLU(), nn.MaxPool2d(*pool)]
+    swapped = pool_before_relu(layers)
+    assert [type(m) for m in swapped] == [nn.MaxPool2d, nn.ReLU]
+    g = rng.standard_normal(layers[1](layers[0](x)).shape).astype(dtype)
+    layers[0].release_saved(), layers[1].release_saved()
+    out_ref, dx_ref = _run_in_order(layers, x, g)
+    out, dx = _run_in_order(swapped, x, g)
+    np.testing.assert_array_equal(out, out_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_pool_before_relu_swaps_only_exact_adjacent_pairs():
+    from tinynet.nn.fusion import pool_before_relu
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    relu, pool, conv = nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(1, 1, 1)
+    assert pool_before_relu([relu, conv, pool]) == [relu, conv, pool]
+    assert pool_before_relu([conv, relu, pool, relu]) == [conv, pool, relu, relu]
+    mine = MyReLU()
+    assert pool_before_relu([mine, pool]) == [mine, pool]
+    assert pool_before_relu([relu, nn.AvgPool2d(2)])[0] is relu
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "resnet18"])
+def test_models_running_the_pool_first_match_the_listed_order(model_name):
+    from tinynet.models import resnet18, simple_cnn
+
+    rng = np.random.default_rng(11)
+    tinynet.manual_seed(0)
+    if model_name == "cnn":
+        model = simple_cnn(5, image_size=16).double()
+        listed = list(model)
+    else:
+        model = resnet18(5, width=4).double()
+        listed = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
+                  model.layer4, model.avgpool, model.flatten, model.fc]
+    x = _awkward_input(rng, (2, 3, 16, 16), np.float64)
+    x[-1, -1, 1, 2] = 0.5  # no NaN here: it would make every gradient NaN
+    g = rng.standard_normal((2, 5))
+
+    def grads():
+        return {k: p.grad.copy() for k, p in model.named_parameters()}
+
+    model.zero_grad()
+    out_ref, dx_ref = _run_in_order(listed, x, g)
+    ref = grads()
+    model.zero_grad()
+    out = model(x)
+    dx = model.backward(g)
+    np.testing.assert_array_equal(out, out_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k, v in grads().items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)

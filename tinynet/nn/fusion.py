@@ -43,6 +43,23 @@ is_grad_enabled()`` (:func:`can_fuse`), by :class:`tinynet.nn.BasicBlock` and
 the ResNet stem.  With gradients enabled, or in training mode, the layers run
 one by one as always (the backward needs each layer's cache, and training
 BatchNorm uses batch statistics).
+
+**ReLU and max pooling commute**, in training too (:func:`pool_before_relu`).
+ReLU is monotone, so the maximum of rectified values is the rectified
+maximum::
+
+    maxpool(relu(x)) = relu(maxpool(x))
+
+and the gradients agree as well: where a window's maximum is positive, both
+orders route ``dout`` to the same cell (positive values are unchanged by the
+ReLU, so the same first maximum wins); where it is not, both give 0 (the
+ReLU's mask is 0 on every cell of the window).  NaN wins the window and is
+masked in both orders.  Running the pool first leaves the ReLU a map
+``KH*KW`` (non-overlapping windows) or about ``SH*SW`` times smaller: the
+CNN's first ``ReLU -> MaxPool2d(4)`` pair rectifies 1/16 of the values, the
+ResNet stem's ``ReLU -> MaxPool2d(3, 2, 1)`` 1/4.  The layers keep their
+keys and their order in the model; only the order in which they run changes
+(tests/test_fusion.py checks outputs and every gradient bit for bit).
 """
 from __future__ import annotations
 
@@ -53,7 +70,27 @@ from .layout import channel_matrix, from_channel_matrix
 from .module import is_grad_enabled
 from .norm import BatchNorm2d
 
-__all__ = ["can_fuse", "batch_norm_scale_shift", "conv_bn_eval", "conv_bn_eval_plain"]
+__all__ = ["can_fuse", "batch_norm_scale_shift", "conv_bn_eval", "conv_bn_eval_plain", "pool_before_relu"]
+
+
+def pool_before_relu(layers) -> list:
+    """``layers`` in the order to run them: every ``ReLU`` directly followed by a ``MaxPool2d`` swapped with it.
+
+    Exact types only (a subclass may compute something else); see the module docstring for why
+    the two orders give the same outputs and gradients.  The backward runs the returned list
+    reversed.
+    """
+    from .pool import MaxPool2d
+
+    order = list(layers)
+    i = 0
+    while i + 1 < len(order):
+        if type(order[i]) is ReLU and type(order[i + 1]) is MaxPool2d:
+            order[i], order[i + 1] = order[i + 1], order[i]
+            i += 2
+        else:
+            i += 1
+    return order
 
 
 def can_fuse(owner, conv, bn, relu=None) -> bool:
