@@ -68,7 +68,7 @@ def _grid(args, torch) -> dict:
     from benchmarks.run import blas_info, cpu_name, isa
 
     rows = []
-    per_image_pixel = {}  # model -> seconds per image-pixel seen so far (for the skip estimate)
+    per_image_pixel, largest = {}, {}  # model -> seconds per image-pixel, and work of the cell it is from
     for model in args.models:
         for batch in args.batches:
             for size in args.sizes:
@@ -99,7 +99,9 @@ def _grid(args, torch) -> dict:
                     row[f"{name}_ms"] = 1000 * statistics.median(times[name])
                 if "torch_ms" in row:
                     row["ratio"] = row["tinynet_ms"] / row["torch_ms"]
-                per_image_pixel[model] = max(per_image_pixel.get(model, 0.0), row["tinynet_ms"] / 1000 / work)
+                # the cost per image-pixel of the largest cell so far (small cells have more overhead per pixel)
+                if work >= largest.get(model, 0):
+                    largest[model], per_image_pixel[model] = work, row["tinynet_ms"] / 1000 / work
                 del steps
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
