@@ -72,3 +72,33 @@ def test_a_split_pass_computes_what_one_pass_computes(threads):
 def test_set_num_threads_refuses_what_is_not_a_positive_int(bad):
     with pytest.raises(ValueError, match="positive int"):
         backend.set_num_threads(bad)
+
+
+def test_a_forked_child_makes_its_own_threads_instead_of_hanging(threads):
+    import multiprocessing
+    import os
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    threads(2)
+    backend.parallel_for(4, lambda a, b: None, elements=1 << 30)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: the inherited pool has no threads; a hang here is caught by the parent
+        try:
+            out = np.zeros(8)
+            backend.parallel_for(8, lambda a, b: out.__setitem__(slice(a, b), 1.0), elements=1 << 30)
+            os._exit(0 if out.sum() == 8 else 1)
+        except BaseException:
+            os._exit(2)
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("parallel_for in a forked child hung")

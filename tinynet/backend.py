@@ -252,6 +252,7 @@ def scratch(name: str, shape, dtype, like):
 _pool_lock = threading.Lock()
 _pool = None  # concurrent.futures.ThreadPoolExecutor, made at the first parallel_for that splits
 _pool_workers = 0
+_pool_pid = None  # the process that made _pool
 _num_threads = None  # None: one per CPU this process may run on
 _in_pool = threading.local()
 
@@ -289,8 +290,13 @@ def set_num_threads(n: int | None) -> None:
 
 
 def _get_pool(workers: int):
-    global _pool, _pool_workers
+    global _pool, _pool_workers, _pool_pid
+    import os
+
     with _pool_lock:
+        # A forked child inherits the executor but not its threads: it would queue work nobody runs.
+        if _pool is not None and _pool_pid != os.getpid():
+            _pool, _pool_workers = None, 0
         if _pool is None or _pool_workers != workers:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -298,7 +304,7 @@ def _get_pool(workers: int):
                 _pool.shutdown(wait=True)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinynet",
                                        initializer=setattr, initargs=(_in_pool, "active", True))
-            _pool_workers = workers
+            _pool_workers, _pool_pid = workers, os.getpid()
         return _pool
 
 
