@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tinynet import nn, optim
+from tinynet import backend, nn, optim
 
 from conftest import torch_or_skip
 
@@ -87,29 +87,35 @@ def test_invalid_betas():
         optim.Adam([param([1.0])], betas=(0.9, 1.0))
 
 
-def test_state_dict_roundtrip_continues_identically(rng):
-    def make():
-        return [param(rng.standard_normal(3)) for _ in range(2)]
-
-    ps = make()
-    qs = [nn.Parameter(p.data.copy()) for p in ps]
-    opt_a = optim.Adam(ps, lr=0.05, weight_decay=0.01)
-    grads = [[rng.standard_normal(3) for _ in range(2)] for _ in range(4)]
-    for gs in grads[:2]:
-        for p, g in zip(ps, gs):
-            p.grad = g.copy()
-        opt_a.step()
-    opt_b = optim.Adam(qs, lr=0.05, weight_decay=0.01)
-    for p, q in zip(ps, qs):
-        q.data = p.data.copy()
-    opt_b.load_state_dict(opt_a.state_dict())
-    for gs in grads[2:]:
-        for p, q, g in zip(ps, qs, gs):
-            p.grad, q.grad = g.copy(), g.copy()
-        opt_a.step()
-        opt_b.step()
-    for p, q in zip(ps, qs):
-        np.testing.assert_array_equal(p.data, q.data)
+@pytest.mark.parametrize("make_opt, shapes, dtype, threads", [
+    (lambda ps: optim.Adam(ps, lr=0.05, weight_decay=0.01), [(3,), (3,)], np.float64, None),
+    # rows of a large parameter split over two threads (tinynet.optim.optimizer.split_updates)
+    (lambda ps: optim.AdamW(ps, lr=0.01), [(600, 300), (5,)], np.float32, 2),
+], ids=["adam-l2", "adamw-two-threads"])
+def test_state_dict_roundtrip_continues_identically(rng, make_opt, shapes, dtype, threads):
+    backend.set_num_threads(threads)
+    try:
+        ps = [nn.Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
+        qs = [nn.Parameter(p.data.copy()) for p in ps]
+        opt_a = make_opt(ps)
+        grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(4)]
+        for gs in grads[:2]:
+            for p, g in zip(ps, gs):
+                p.grad = g.copy()
+            opt_a.step()
+        opt_b = make_opt(qs)
+        for p, q in zip(ps, qs):
+            q.data = p.data.copy()
+        opt_b.load_state_dict(opt_a.state_dict())
+        for gs in grads[2:]:
+            for p, q, g in zip(ps, qs, gs):
+                p.grad, q.grad = g.copy(), g.copy()
+            opt_a.step()
+            opt_b.step()
+        for p, q in zip(ps, qs):
+            np.testing.assert_array_equal(p.data, q.data)
+    finally:
+        backend.set_num_threads(None)
 
 
 def test_step_and_cosine_schedules():

@@ -165,29 +165,6 @@ def test_a_step_that_raises_changes_nothing(rng):
     assert opt.state[id(p)]["step"] == before[2]
 
 
-def test_state_dict_round_trip_with_threads(rng, two_threads):
-    shapes = [(600, 300), (5,)]
-    ps = [nn.Parameter(rng.standard_normal(s).astype(np.float32)) for s in shapes]
-    qs = [nn.Parameter(p.data.copy()) for p in ps]
-    opt_a = optim.AdamW(ps, lr=0.01)
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
-    for gs in grads[:2]:
-        for p, g in zip(ps, gs):
-            p.grad = g.copy()
-        opt_a.step()
-    for p, q in zip(ps, qs):
-        q.data = p.data.copy()
-    opt_b = optim.AdamW(qs, lr=0.01)
-    opt_b.load_state_dict(opt_a.state_dict())
-    for gs in grads[2:]:
-        for p, q, g in zip(ps, qs, gs):
-            p.grad, q.grad = g.copy(), g.copy()
-        opt_a.step()
-        opt_b.step()
-    for p, q in zip(ps, qs):
-        np.testing.assert_array_equal(p.data, q.data)
-
-
 @pytest.mark.parametrize("momentum, dampening, wd, nesterov",
                          [(0.0, 0.0, 0.0, False), (0.0, 0.0, 1e-3, False), (0.9, 0.0, 5e-4, False),
                           (0.9, 0.1, 0.0, False), (0.9, 0.0, 5e-4, True)])
