@@ -101,7 +101,8 @@ def add(a, b, out=None):
 # ---------------------------------------------------------------------------
 # Splitting a memory-bound pass: over threads, and into blocks that fit a cache
 # ---------------------------------------------------------------------------
-def for_channel_blocks(channels: int, per_channel: int, body, like, block_elements: int = BLOCK_ELEMENTS) -> None:
+def for_channel_blocks(channels: int, per_channel: int, body, like, block_elements: int = BLOCK_ELEMENTS,
+                       threads: bool = True) -> None:
     """Run ``body(a, b)`` over consecutive blocks ``[a, b)`` of ``range(channels)``, on all threads.
 
     For passes whose work is independent per channel (a window slice ``[a:b]``
@@ -114,7 +115,8 @@ def for_channel_blocks(channels: int, per_channel: int, body, like, block_elemen
     ``body`` must write only channels ``[a, b)`` and give, for each channel,
     a result that does not depend on which block the channel was in (true
     for element-wise passes and per-row reductions), so the result is the
-    same, bit for bit, on any number of threads.
+    same, bit for bit, on any number of threads.  ``threads=False`` runs every block on the
+    calling thread (the Winograd transforms, where a second thread was measured slower).
     """
     if backend.is_cupy_array(like):
         body(0, channels)
@@ -125,7 +127,10 @@ def for_channel_blocks(channels: int, per_channel: int, body, like, block_elemen
         for a in range(start, stop, step):
             body(a, min(a + step, stop))
 
-    backend.parallel_for(channels, piece, elements=channels * per_channel)
+    if threads:
+        backend.parallel_for(channels, piece, elements=channels * per_channel)
+    else:
+        piece(0, channels)
 
 
 def flat_views(*arrays):

@@ -77,7 +77,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
-from .layout import channel_matrix, from_chwn, to_chwn
+from .layout import channel_matrix, for_channel_blocks, from_chwn, to_chwn
 
 __all__ = ["WinogradCache", "Transform", "transform", "winograd_weights", "input_transform",
            "winograd_forward", "winograd_backward", "v_shape", "winograd_conv2d_loops"]
@@ -242,20 +242,15 @@ def winograd_weights(w, m):
 BLOCK_BYTES = 4 << 20
 
 
-def _channel_blocks(c, bytes_per_channel):
-    """Slices of the channel axis, each holding about :data:`BLOCK_BYTES` of intermediates."""
-    step = max(1, BLOCK_BYTES // max(1, bytes_per_channel))
-    return [slice(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
+def _for_blocks(fn, c, bytes_per_channel, like):
+    """``fn(cs)`` for every slice ``cs`` of the channel axis holding about :data:`BLOCK_BYTES` of intermediates.
 
-
-def _for_blocks(fn, c, bytes_per_channel):
-    """``fn(cs)`` for every channel block ``cs`` of :func:`_channel_blocks`.
-
-    (Running the blocks on two host threads was measured slower: 40.3 vs 37.2 ms for
-    64@16 at batch 64, with the BLAS threads of the matrix products on the same 2 cores.)
+    The blocks are :func:`tinynet.nn.layout.for_channel_blocks`'s, all on the calling thread (running
+    them on two host threads was measured slower: 40.3 vs 37.2 ms for 64@16 at batch 64, with the
+    BLAS threads of the matrix products on the same 2 cores); on the GPU, one block.
     """
-    for cs in _channel_blocks(c, bytes_per_channel):
-        fn(cs)
+    for_channel_blocks(c, bytes_per_channel // like.itemsize, lambda a, b: fn(slice(a, b)), like,
+                       block_elements=BLOCK_BYTES // like.itemsize, threads=False)
 
 
 def _pad_block(xc, padding, hp, wp):
@@ -310,7 +305,7 @@ def input_transform(x, padding, m, out=None):
     xc = to_chwn(x)                                             # (C, H, W, N), any strides
     hp, wp = m * th + 2, m * tw + 2
     per_channel = x.itemsize * n * (hp * wp + (al + 1) * hp * tw)
-    _for_blocks(lambda cs: _input_transform_block(xc[cs], padding, t, th, tw, v[:, :, cs]), c, per_channel)
+    _for_blocks(lambda cs: _input_transform_block(xc[cs], padding, t, th, tw, v[:, :, cs]), c, per_channel, x)
     return out
 
 
@@ -372,7 +367,7 @@ def winograd_forward(x, w, b, padding=(1, 1), m=2, v_buffer=None):
     out = xp.empty((c_out, oh, ow, n), dtype=x.dtype)
     per_channel = x.itemsize * n * th * tw * (m + 1) * al
     _for_blocks(lambda cs: _output_transform_block(mm[:, :, cs], t, out[cs], None if b is None else b[cs]),
-                c_out, per_channel)
+                c_out, per_channel, x)
     return from_chwn(out), WinogradCache(v, u, tuple(x.shape), w, tuple(padding), b is not None, m)
 
 
@@ -462,7 +457,7 @@ def winograd_backward(dout, cache, need_dx=True):
     db = channel_matrix(dout).sum(axis=1) if has_bias else None
     dm = _scratch_like("winograd.dm", (al, al, c_out, th, tw, n), dout)
     per_channel = dout.itemsize * n * th * tw * (m + 1) * al
-    _for_blocks(lambda cs: _output_adjoint_block(dy[cs], t, dm[:, :, cs]), c_out, per_channel)
+    _for_blocks(lambda cs: _output_adjoint_block(dy[cs], t, dm[:, :, cs]), c_out, per_channel, dout)
     dm = dm.reshape(al * al, c_out, th * tw * n)
     du = dm @ v.transpose(0, 2, 1)                               # (alpha^2, C_out, C): sum over tiles
     gg = xp.asarray(np.kron(t.G, t.G), dtype=du.dtype)
@@ -475,7 +470,7 @@ def winograd_backward(dout, cache, need_dx=True):
         dxc = xp.empty((c, h, wd, n), dtype=dout.dtype)
         hp, wp = m * th + 2, m * tw + 2
         per_channel = dout.itemsize * n * (al + 1) * hp * tw
-        _for_blocks(lambda cs: _input_adjoint_block(dv[:, :, cs], t, padding, dxc[cs]), c, per_channel)
+        _for_blocks(lambda cs: _input_adjoint_block(dv[:, :, cs], t, padding, dxc[cs]), c, per_channel, dout)
         dx = from_chwn(dxc)
     return dx, dw, db
 
