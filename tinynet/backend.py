@@ -18,6 +18,7 @@ their parameters first, so the error names the layer (:func:`check_same_device`)
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy
@@ -265,12 +266,8 @@ def num_threads() -> int:
     if _num_threads is not None:
         return _num_threads
     try:
-        import os
-
         return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        import os
-
+    except (AttributeError, OSError):  # no sched_getaffinity on macOS and Windows
         return max(1, os.cpu_count() or 1)
 
 
@@ -291,8 +288,6 @@ def set_num_threads(n: int | None) -> None:
 
 def _get_pool(workers: int):
     global _pool, _pool_workers, _pool_pid
-    import os
-
     with _pool_lock:
         # A forked child inherits the executor but not its threads: it would queue work nobody runs.
         if _pool is not None and _pool_pid != os.getpid():
