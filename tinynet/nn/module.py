@@ -562,13 +562,18 @@ class Sequential(Module):
             return part
         return list(self._modules.values())[index]
 
+    def _run_order(self):
+        """The layers in the order :meth:`forward` runs them (:meth:`backward`: reversed); a subclass
+        may reorder layers that commute (:class:`tinynet.models.SimpleCNN`)."""
+        return list(self._modules.values())
+
     def forward(self, x):
-        for layer in self._modules.values():
+        for layer in self._run_order():
             x = layer(x)
         return x
 
     def backward(self, dout):
-        for layer in reversed(self._modules.values()):
+        for layer in reversed(self._run_order()):
             dout = layer.backward(dout)
         return dout
 
