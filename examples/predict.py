@@ -11,8 +11,14 @@ recursively for image files.  The model, its class names, image size and
 normalisation come from the weights file's metadata.
 
 Exit status: 0 when at least one image was classified; 1 when none could be;
-2 for unusable input (no weights, weights that do not fit, an unknown option,
---device cuda without a GPU), with a one-line message.
+2 for unusable input (no weights, weights that do not fit, metadata with a
+value tinynet cannot use, an unknown option, --device cuda without a GPU),
+with a one-line message.
+
+Class names and file names are someone else's text: printed, their control
+characters are escaped (tinynet.text.printable: no ESC sequence reaches the
+terminal); in the CSV file, a cell that would start like a spreadsheet
+formula (= + - @ ...) starts with a ' (tinynet.text.csv_cell, OWASP's advice).
 """
 import argparse
 import csv
@@ -20,7 +26,8 @@ import itertools
 import sys
 
 from tinynet import backend
-from tinynet.predict import ModelFileError, find_images, load_model, model_forward, predict_files
+from tinynet.predict import ModelFileError, find_images, load_model, load_onnx, model_forward, predict_files
+from tinynet.text import csv_cell, printable
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,22 +60,12 @@ def main(argv=None) -> int:
     try:
         device = backend.check_device(args.device)
         if args.onnx:
-            from tinynet.onnx import OnnxUnavailable, load, onnx_forward
-            try:
-                session, meta = load(args.onnx, device)
-            except OnnxUnavailable:
-                raise
-            except Exception as error:  # onnxruntime raises its own types for a file it cannot read
-                raise ModelFileError(f"{args.onnx!r} is not a readable ONNX model ({' '.join(str(error).split())})")
-            if "classes" not in meta or "image_size" not in meta:
-                raise ModelFileError(f"{args.onnx!r} has no tinynet metadata (classes, image_size): export it with "
-                                     f"examples/export_onnx.py")
-            forward = onnx_forward(session)
+            forward, meta = load_onnx(args.onnx, device)
         else:
             model, meta = load_model(args.weights, device)
             forward = model_forward(model, device)
     except (ModelFileError, ValueError, RuntimeError, ImportError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {printable(error)}", file=sys.stderr)
         return 2
 
     files, missing = find_images(args.inputs)
@@ -76,7 +73,8 @@ def main(argv=None) -> int:
     try:
         csv_file = open(args.csv, "w", newline="", encoding="utf-8", errors="backslashreplace") if args.csv else None
     except OSError as error:
-        print(f"{prog}: error: --csv {args.csv!r} cannot be written: {error.strerror or error}", file=sys.stderr)
+        print(f"{prog}: error: --csv {args.csv!r} cannot be written: {printable(error.strerror or error)}",
+              file=sys.stderr)
         return 2
     writer = csv.writer(csv_file) if csv_file else None
     if writer:
@@ -88,13 +86,18 @@ def main(argv=None) -> int:
         for item in itertools.chain(missing, results):
             if item.skipped:
                 skipped += 1
-                print(f"{item.path}: skipped: {item.skipped}")
+                print(f"{printable(item.path)}: skipped: {printable(item.skipped)}")
             else:
                 done += 1
-                print(f"{item.path}: " + ", ".join(f"{name} {100 * p:.1f} %" for name, p in item.top))
+                print(f"{printable(item.path)}: "
+                      + ", ".join(f"{printable(name)} {100 * p:.1f} %" for name, p in item.top))
             if writer:
-                row = [c for name, p in item.top for c in (name, f"{p:.6f}")]
-                writer.writerow([item.path] + row + [""] * (2 * k - len(row)) + [item.skipped or ""])
+                row = [c for name, p in item.top for c in (csv_cell(name), f"{p:.6f}")]
+                writer.writerow([csv_cell(item.path)] + row + [""] * (2 * k - len(row))
+                                + [csv_cell(item.skipped or "")])
+    except ModelFileError as error:  # outputs that do not fit the class names, found at the first batch
+        print(f"{prog}: error: {printable(error)}", file=sys.stderr)
+        return 2
     finally:
         if csv_file:
             csv_file.close()

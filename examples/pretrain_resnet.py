@@ -53,6 +53,7 @@ without a GPU) end the program with a one-line message and exit status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -65,12 +66,15 @@ import numpy as np
 from tinynet import backend, distributed, nn, optim
 from tinynet.data import DataLoader, ZipImageDataset, random_crop_flip_batch
 from tinynet.cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size,
-                         check_output_folder, check_seed, hardware, remove_stale_temporaries, run_command, write_json)
+                         check_output_folder, check_seed, claim_output_folder, hardware, remove_abandoned_partials,
+                         remove_stale_temporaries, run_command, write_json)
 from tinynet.io import save_weights
 from tinynet.models import resnet18
 from tinynet.nn.module import no_grad
 from tinynet.random import manual_seed
 from tinynet.train import fit
+from tinynet.train.checkpoint import check_checkpoint
+from tinynet.data.identity import dataset_identity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tiny-imagenet-188-32px.zip"
@@ -116,6 +120,10 @@ def check_args(args) -> None:
     for name in ("epochs", "size", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    # Finite is not enough: 10**12 epochs or images per batch is a typo, never a plan.
+    for name, most in (("epochs", 100_000), ("batch_size", 65_536)):
+        if getattr(args, name) > most:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {getattr(args, name)}")
     check_image_size("--size", args.size)
     check_seed(args.seed)
     if args.batch_size == 1:
@@ -129,6 +137,11 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.lr > 10:  # SGD diverges at the first step long before this
+        raise UsageError(f"--lr must be at most 10, got {args.lr:g}")
+    # The deadline is the budget in seconds: 1e308 minutes passes the check above and is infinite in seconds.
+    if args.time_budget is not None and args.time_budget > 5_259_600:
+        raise UsageError(f"--time-budget must be at most 5259600 minutes (ten years), got {args.time_budget:g}")
     for name in ("momentum", "weight_decay"):
         if not 0 <= getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
@@ -137,11 +150,12 @@ def check_args(args) -> None:
         raise UsageError(f"Tiny-ImageNet archive {args.data!r} does not exist; pass --data PATH (the zip, or the "
                          f"folder it was extracted to)")
     out = check_output_folder(args.out)
-    args.save = pathlib.Path(args.save or out / f"resnet18-tinyimagenet-{args.size}px.npz")
-    if args.save.suffix not in (".npz", ".safetensors"):
-        raise UsageError(f"--save must name an .npz or .safetensors file, got {str(args.save)!r}")
-    check_output_folder(args.save.parent)
-    args.cache_dir = check_output_folder(args.cache_dir or out)
+    if args.save is not None:  # by default OUT/resnet18-tinyimagenet-<size>px.npz, in the folder the run takes
+        args.save = pathlib.Path(args.save)
+        if args.save.suffix not in (".npz", ".safetensors"):
+            raise UsageError(f"--save must name an .npz or .safetensors file, got {str(args.save)!r}")
+        check_output_folder(args.save.parent)
+    args.cache_dir = check_output_folder(args.cache_dir or out)  # --out as given: a new run reuses the cache
 
 
 def recipe(args) -> dict:
@@ -327,16 +341,33 @@ def resumed_plan(args, out: pathlib.Path) -> int | None:
 
 
 def run(args, log=print) -> dict:
-    """Pretrain as ``args`` say; returns the summary written beside the weights."""
+    """Pretrain as ``args`` say; returns the summary written beside the weights.
+
+    A new run never writes into another run's folder: with ``--out`` holding
+    one, it takes ``OUT-2``, ``OUT-3``, ... and says so
+    (:func:`tinynet.cli.claim_output_folder`); ``--resume`` continues ``--out``.
+    """
+    with contextlib.ExitStack() as held:
+        return _run(args, log, held)
+
+
+def _run(args, log, held) -> dict:
     started = time.perf_counter()
     check_args(args)
     comm = distributed.setup(args, UsageError)  # None without --distributed
     is_main = comm is None or comm.is_main
     log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
-    if is_main:  # rank 0 alone writes in the output folder, so it alone tidies it
+    if is_main:  # rank 0 alone writes in the output folder: it holds the folder, and alone tidies it
+        out, moved = claim_output_folder(out, {"checkpoint.npz", PLAN_FILE}, resume=args.resume, keep=held)
+        args.out = str(out)
+        if moved:
+            log(moved)
         for path in remove_stale_temporaries(out, {"checkpoint.npz", PLAN_FILE}):
             log(f"removed {path}, a temporary file left by a run that was killed while writing")
+        for path in remove_abandoned_partials(args.cache_dir):  # the cache folder may be shared: dead pids only
+            log(f"removed {path}, a half-written image cache left by a run that was killed while writing it")
+    args.save = args.save or out / f"resnet18-tinyimagenet-{args.size}px.npz"
     manual_seed(args.seed)
     if not is_main:  # rank 0 decodes the photos and writes the cache; the others then read it
         comm.barrier(timeout=math.inf)
@@ -344,6 +375,14 @@ def run(args, log=print) -> dict:
     if comm is not None and is_main:
         comm.barrier(timeout=math.inf)
     classes = list(train.classes)
+    # What the run trains and validates on, recorded in every checkpoint: --resume refuses other images.
+    data_identity = {"train": dataset_identity(train), "val": dataset_identity(val)}
+    if comm is not None:  # every rank must have been started for this job: same classes, images and recipe
+        distributed.check_same_job(comm, {"its classes": classes, "its training images (--data)":
+                                          data_identity["train"]["digest"], "its validation images (--data)":
+                                          data_identity["val"]["digest"],
+                                          **{f"--{k.replace('_', '-')}": v for k, v in recipe(args).items()}},
+                                   error=UsageError)
     crop_flip = functools.partial(random_crop_flip_batch, padding=args.padding)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed,
                               batch_transform=crop_flip, drop_last=True)  # a batch of 1 would break BatchNorm
@@ -353,6 +392,10 @@ def run(args, log=print) -> dict:
         val_loader = distributed.DistributedLoader.wrap(val_loader, comm)
 
     epochs = resumed_plan(args, out)  # before the measurement: a refused --resume is refused at once
+    run_extra = {"model": "resnet18-pretrain", "classes": classes, "seed": args.seed, "recipe": recipe(args)}
+    if args.resume and (out / "checkpoint.npz").exists():  # other data, or a damaged checkpoint: refused now
+        check_checkpoint(out / "checkpoint.npz", expect=run_extra, data=data_identity,
+                         batches_per_epoch=len(train_loader))
     speed = measure_speed(args, train_loader, val_loader, len(classes))
     if comm is not None:
         keys = ("loader_images_per_second", "step_images_per_second", "eval_images_per_second")
@@ -394,7 +437,7 @@ def run(args, log=print) -> dict:
     history = fit(net, optimizer, nn.CrossEntropyLoss(), train_loader, val_loader, epochs, device=args.device,
                   scheduler=scheduler, checkpoint_path=out / "checkpoint.npz", resume=args.resume,
                   progress=not args.no_progress and is_main,
-                  extra={"model": "resnet18-pretrain", "classes": classes, "seed": args.seed, "recipe": recipe(args)},
+                  extra=run_extra, data_identity=data_identity,
                   log=log, time_budget=deadline - time.perf_counter() if deadline else None,
                   distributed=distributed.FitHooks(comm) if comm is not None else None)
     if not is_main:  # rank 0 checks and writes the weights and the summary
@@ -425,6 +468,7 @@ def run(args, log=print) -> dict:
         "train_images_per_second": float(np.mean([e.images_per_second for e in history.epochs])),
         "history": history.to_dict(),
         "hardware": hardware(args.device),
+        "world_size": comm.size if comm is not None else 1,  # processes that trained (--distributed)
         "classes": classes,
     }
     write_json(args.save.with_suffix(".json"), summary)

@@ -11,7 +11,12 @@
 - ``enospc``: checkpoint write number AT (after epoch AT, unless Ctrl-C was
   pressed) fails half-way with "No space left on device";
 - ``stall``: checkpoint write number AT stops half-way: MARKER is written
-  and the process sleeps, to be killed mid-write.
+  and the process sleeps, to be killed mid-write;
+- ``hold``: AT is ``NAME:N``: the N-th atomic write of a file called NAME
+  (checkpoint.npz, best.safetensors, metrics.json, ...) is held with its
+  temporary file complete, just before the rename: MARKER is written and the
+  process waits until MARKER.go exists (at most 60 s), then finishes the
+  write; the test signals or kills it in between.
 
 Everything else is the unmodified command line of ``examples/train_MODEL.py``.
 Imported as a module, it gives the tests :func:`inject`, :func:`call_main`
@@ -156,6 +161,22 @@ def inject(mode: str, at: int, marker=None, patch=setattr) -> None:
                 yield FullDisk(file, marker=stall) if saves == at else file
 
         patch(checkpoint, "atomic_write", faulty_atomic_write)
+    elif mode == "hold":
+        name, _, number = str(at).rpartition(":")
+        replace, writes = os.replace, 0
+
+        def held_replace(source, target, *args, **kwargs):
+            nonlocal writes
+            if pathlib.Path(target).name == name:
+                writes += 1
+                if writes == int(number):
+                    marker.write_text("held")
+                    release, deadline = pathlib.Path(f"{marker}.go"), time.monotonic() + 60
+                    while not release.exists() and time.monotonic() < deadline:
+                        time.sleep(0.02)
+            return replace(source, target, *args, **kwargs)
+
+        patch(os, "replace", held_replace)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
@@ -163,5 +184,5 @@ def inject(mode: str, at: int, marker=None, patch=setattr) -> None:
 if __name__ == "__main__":
     model, mode, at, marker, separator, *argv = sys.argv[1:]
     assert separator == "--", "usage: fault_inject.py MODEL MODE AT MARKER -- [options]"
-    inject(mode, int(at), pathlib.Path(marker))
+    inject(mode, at if mode == "hold" else int(at), pathlib.Path(marker))
     sys.exit(main(model, argv))

@@ -492,6 +492,33 @@ def test_train_resnet_script_runs_under_mpiexec_with_distributed(tmp_path):
     assert "tsne_validation_2d.png" in metrics["figures"] and "tsne_test_3d.png" in metrics["figures"]
     assert all((tmp_path / name).exists() for name in metrics["figures"])
     assert metrics["split"]["validation"] == 24 and metrics["history"]["epochs"][0]["val_acc"] is not None
+    assert metrics["world_size"] == 2
+
+
+@pytest.mark.parametrize("differ, named", [("classes", "its classes"), ("images", "its images (--data)")])
+def test_ranks_started_with_different_data_refuse_to_train_together(tmp_path, differ, named):
+    """Two ranks, two --data folders (other class names, or other images under the same names), as many
+    images each: before the fix they trained together and reported success."""
+    mpi_or_skip()
+    from fault_inject import image_folder
+
+    first = image_folder(tmp_path / "first")
+    second = image_folder(tmp_path / "second")
+    if differ == "classes":
+        for old, new in (("dark", "night"), ("bright", "day")):
+            (second / old).rename(second / new)
+    else:
+        (second / "dark" / "0.png").write_bytes((second / "bright" / "0.png").read_bytes())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    rank = [sys.executable, str(ROOT / "examples" / "train_cnn.py"), "--distributed", "--out", str(tmp_path / "out"),
+            "--epochs", "1", "--image-size", "16", "--batch-size", "8", "--no-progress"]
+    done = subprocess.run([str(MPIEXEC), "-n", "1", *rank, "--data", str(first), ":", "-n", "1", *rank, "--data",
+                           str(second)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "train_cnn.py: error:" in line]
+    assert len(errors) == 2, done.stderr  # one line from each rank
+    assert all(f"rank 1 differs from rank 0 in {named} (1 of 2 ranks differ)" in line for line in errors)
+    assert "Traceback" not in done.stderr and not (tmp_path / "out" / "metrics.json").exists()
 
 
 if __name__ == "__main__":  # the worker, under mpiexec

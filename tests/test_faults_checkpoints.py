@@ -259,3 +259,101 @@ def test_cli_resume_from_a_truncated_checkpoint_is_one_line_exit_2(tmp_path, cap
     (out / "checkpoint.npz").write_bytes(whole[: len(whole) // 3])
     status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK, "--resume")
     assert status == 2 and len(err.strip().splitlines()) == 1 and "truncated" in err
+
+
+# ---------------------------------------------------------------------------
+# Resuming on other data, or from a position the data does not hold
+# ---------------------------------------------------------------------------
+def _files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _stop_at_training_step(monkeypatch, at):
+    """Ctrl-C in training step ``at`` (1-based, over the run), before its backward."""
+    forward, steps = nn.CrossEntropyLoss.forward, [0]
+
+    def interrupted(self, logits, target):
+        if tinynet.nn.module.is_grad_enabled():
+            steps[0] += 1
+            if steps[0] == at:
+                raise KeyboardInterrupt
+        return forward(self, logits, target)
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", interrupted)
+
+
+def test_resume_on_a_folder_with_added_and_replaced_images_is_refused_before_writing(tmp_path, capsys):
+    data, out = image_folder(tmp_path / "data"), tmp_path / "out"
+    status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK[2:], "--epochs", "1")
+    assert status == 0, err
+    image_folder(tmp_path / "more", per_class=12)  # 2 images per class the run never saw
+    for name in ("dark", "bright"):
+        for i in (10, 11):
+            (data / name / f"{i}.png").write_bytes((tmp_path / "more" / name / f"{i}.png").read_bytes())
+    (data / "dark" / "3.png").write_bytes((data / "bright" / "3.png").read_bytes())  # a photo replaced
+    before = _files_of(out)
+    status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK, "--resume")
+    # Before the fix: accepted (exit 0), the split redone over the new images.
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the images data has changed since (4 files added (e.g. 'bright/10.png'), 1 changed (e.g. 'dark/3.png'))" \
+        in err
+    assert _files_of(out) == before  # nothing written: no figure, no skipped.tsv, no checkpoint
+
+
+def test_mid_epoch_stop_then_a_smaller_folder_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    data, out = image_folder(tmp_path / "data", per_class=20), tmp_path / "out"  # 28 training images: 4 batches
+    with monkeypatch.context() as patch:
+        _stop_at_training_step(patch, 4)
+        status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK)
+    assert status == 130 and "interrupted in epoch 1 after 3 batches" in err, err
+    for name in ("dark", "bright"):
+        for i in range(8, 20):
+            (data / name / f"{i}.png").unlink()  # 16 images left: 2 training batches
+    status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK, "--resume")
+    # Before the fix: a ValueError traceback from DataLoader.iter_from.
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the images data has changed since (24 removed)" in err
+
+
+def _edit_meta(path, **changes):
+    """Rewrite the checkpoint's JSON metadata with ``changes`` (a hand-edited file)."""
+    import io
+    import json
+
+    meta = json.loads(load_weights(path)["__meta__"].tobytes())
+    meta.update(changes)
+    buffer = io.BytesIO()
+    np.save(buffer, np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    _rewrite_member(path, path.with_name("edited.npz"), "__meta__.npy", buffer.getvalue())
+    path.with_name("edited.npz").replace(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"batch": 10 ** 9}, "stopped after batch 1000000000 of epoch 1, but an epoch here has 4 batches"),
+    ({"epoch": 10 ** 9, "batch": 0}, "epoch is 1000000000, but its history holds 0 completed epochs")],
+    ids=["batch", "epoch"])
+def test_checkpoint_with_an_edited_position_is_refused(tmp_path, monkeypatch, edit, message):
+    model, opt, train, val = toy()
+    path = tmp_path / "c.npz"
+    with monkeypatch.context() as patch:
+        _stop_at_training_step(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=2, checkpoint_path=path, progress=False,
+                log=None)
+    _edit_meta(path, **edit)
+    model, opt, train, val = toy()
+    # Before the fix: a ValueError from DataLoader.iter_from (batch), or a run that trained nothing (epoch).
+    with pytest.raises(CheckpointError, match=message):
+        fit(model, opt, nn.CrossEntropyLoss(), train, val, epochs=2, checkpoint_path=path, resume=True,
+            progress=False, log=None)
+
+
+def test_cli_resume_from_an_edited_batch_position_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    data, out = image_folder(tmp_path / "data"), tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _stop_at_training_step(patch, 2)
+        assert call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK)[0] == 130
+    _edit_meta(out / "checkpoint.npz", batch=10 ** 9)
+    status, _, err = call_main(capsys, "cnn", "--data", data, "--out", out, *QUICK, "--resume")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "stopped after batch 1000000000 of epoch 1, but an epoch here has 2 batches" in err

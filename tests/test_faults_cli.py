@@ -89,7 +89,8 @@ def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path, capsys, monkeypat
     monkeypatch.setattr(experiment, "load_dataset", interrupted)
     status, _, err = call_main(capsys, "cnn", "--data", image_folder(tmp_path / "data"), "--out", tmp_path / "out")
     assert status == 130  # before the fix: the KeyboardInterrupt's traceback
-    assert err.strip() == "train_cnn.py: interrupted outside training; every checkpoint written so far is intact"
+    assert err.strip() == ("train_cnn.py: interrupted outside training; every checkpoint written so far is intact; "
+                           "run again with --resume to continue")
 
 
 # ---------------------------------------------------------------------------
@@ -196,3 +197,105 @@ def test_pretrained_file_of_another_architecture_is_one_line_exit_2(tmp_path, ca
     status, _, err = call_main(capsys, "resnet", *RESNET_QUICK, "--out", tmp_path / "out", "--pretrained", weights)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{str(weights)!r}" in err and ("no key matched" in err or "none of the file's" in err), err
+
+
+# ---------------------------------------------------------------------------
+# export_onnx.py --out: checked before any work, one line naming the path
+# ---------------------------------------------------------------------------
+def _export_onnx_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_onnx_script", pathlib.Path(experiment.__file__).parents[1]
+                                                  / "examples" / "export_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    from tinynet.models import simple_cnn
+    from tinynet.predict import model_metadata, save_model
+
+    model = simple_cnn(3, image_size=16)
+    return save_model(tmp_path / "best.safetensors", model, model_metadata("cnn", model, ["a", "b", "c"], 16))
+
+
+def _out_is_missing_folder(tmp_path):
+    return tmp_path / "no" / "such" / "folder" / "model.onnx", "its folder {parent!r} does not exist"
+
+
+def _out_is_a_folder(tmp_path):
+    (tmp_path / "model.onnx").mkdir()
+    return tmp_path / "model.onnx", "is a folder"
+
+
+def _out_under_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    return tmp_path / "notes.txt" / "model.onnx", "its folder {parent!r} is not a folder"
+
+
+def _out_is_a_device(tmp_path):
+    return pathlib.Path(os.devnull), "is not a regular file"
+
+
+@pytest.mark.parametrize("make", [_out_is_missing_folder, _out_is_a_folder, _out_under_a_file, _out_is_a_device])
+def test_export_onnx_out_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys, model_file, make):
+    pytest.importorskip("onnx")
+    script = _export_onnx_script()
+    out, message = make(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    script.load_model = no_work
+    before = sorted(p.name for p in tmp_path.iterdir())
+    status = script.main(["--weights", str(model_file), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2, err  # before the fix: FileNotFoundError, IsADirectoryError or NotADirectoryError tracebacks
+    assert err.startswith(f"export_onnx.py: error: --out {str(out)!r}") and len(err.strip().splitlines()) == 1, err
+    assert message.format(parent=str(out.parent)) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_export_onnx_out_in_a_folder_refusing_writes_is_one_line_exit_2(tmp_path, capsys, model_file, monkeypatch):
+    pytest.importorskip("onnx")
+    script = _export_onnx_script()
+    # As root, chmod does not stop writes: the first write into the folder is made to fail as it would.
+    real_open = os.open
+
+    def refusing(path, *args, **kwargs):
+        if pathlib.Path(path).parent == tmp_path / "ro":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", refusing)
+    status = script.main(["--weights", str(model_file), "--out", str(tmp_path / "ro" / "model.onnx")])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {str(tmp_path / 'ro' / 'model.onnx')!r} cannot be written: Permission denied" in err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_export_onnx_failed_export_leaves_no_file(tmp_path, capsys, model_file, monkeypatch):
+    pytest.importorskip("onnx")
+    import tinynet.onnx
+
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export")
+    real_export = tinynet.onnx.export
+
+    def failing(model, path, *args, **kwargs):  # dies half-way through writing the file
+        pathlib.Path(path).write_bytes(b"half a graph")
+        raise tinynet.onnx.ExportError("cannot export 3 (Swish): no ONNX translation")
+
+    monkeypatch.setattr(tinynet.onnx, "export", failing)
+    status = _export_onnx_script().main(["--weights", str(model_file), "--out", str(tmp_path / "model.onnx")])
+    err = capsys.readouterr().err
+    assert status == 2 and "no ONNX translation" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "model.onnx").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "model.onnx"]
+    monkeypatch.setattr(tinynet.onnx, "export", real_export)
+    status = _export_onnx_script().main(["--weights", str(model_file), "--out", str(tmp_path / "model.onnx")])
+    assert status == 0 and (tmp_path / "model.onnx").read_bytes() != b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "model.onnx"]

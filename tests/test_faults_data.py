@@ -220,7 +220,7 @@ def test_cli_lists_every_skipped_file_in_the_run_folder_and_counts_them(messy_ru
 def test_cli_survives_file_names_that_are_not_utf8_with_a_strict_terminal(messy_run):
     result, out = messy_run
     assert result.returncode == 0, result.stderr  # before the fix: exit 2, "'utf-8' codec can't encode"
-    assert "caf\\udce9 broken.png: not an image" in result.stdout  # the undecodable byte, escaped
+    assert "caf\\xe9 broken.png: not an image" in result.stdout  # the undecodable byte, escaped (tinynet.text.printable)
     assert "caf\\udce9 broken.png\tnot an image" in (out / "skipped.tsv").read_text(encoding="utf-8")
 
 

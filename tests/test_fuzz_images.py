@@ -26,7 +26,14 @@ keep their sizes, insertions, deletions, truncation); for PNG, the same edits
 with every chunk's CRC repaired afterwards, so that they reach the decoder
 behind the checksum; for archives, the edits applied to the zip's bytes, or
 to one member's content with the archive rebuilt (stored or deflated, valid
-CRCs).
+CRCs).  The seeds include 16-bit greyscale PNG and TIFF (converted in strips:
+the address-space limit is the memory property).
+
+The decode-cost fuzzer edits a progressive JPEG where its cost lies: one of
+its scans repeated up to 5,000 times, its frame enlarged up to 2048x2048
+(libjpeg then passes over every block of the larger frame in each scan),
+empty marker segments inserted, then byte edits.  Before the scan limits, such
+an input took up to 20 s; every one must now answer within :data:`COST_SECONDS`.
 
 Budget: :data:`EXAMPLES` inputs per fuzzer, about 30 s for all of them on two
 cores; ``TINYNET_FUZZ=N`` multiplies the counts (and drops the fixed seed) for a
@@ -56,8 +63,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from byte_edits import apply_edits  # noqa: E402
 
 FUZZ = max(1, int(os.environ.get("TINYNET_FUZZ", "1") or 1))
-EXAMPLES = {"files": 2000 * FUZZ, "png": 900 * FUZZ, "zip": 900 * FUZZ}
+EXAMPLES = {"files": 2000 * FUZZ, "png": 900 * FUZZ, "zip": 900 * FUZZ, "cost": 40 * FUZZ}
 SECONDS = 10.0  # per input; a decode of these files takes milliseconds
+COST_SECONDS = 3.0  # per decode-cost input: the costliest allowed (64 scans of 2048x1536) takes ~0.4 s
 ADDRESS_SPACE = 1536 << 20  # the worker's whole address space: the interpreter, NumPy, Pillow, and the input
 MAX_REASON = 600  # characters in a skip reason or an error message
 
@@ -169,8 +177,16 @@ def _encoded(fmt, mode="RGB", size=(12, 10), **options) -> bytes:
     return buffer.getvalue()
 
 
+def _grey16(fmt) -> bytes:
+    samples = np.random.default_rng(0).integers(0, 65536, (10, 12)).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(samples).save(buffer, fmt)  # mode I;16
+    return buffer.getvalue()
+
+
 SEEDS = {
     "png": _encoded("PNG"), "png-palette": _encoded("PNG", "P", transparency=3), "png-rgba": _encoded("PNG", "RGBA"),
+    "png-grey16": _grey16("PNG"), "tiff-grey16": _grey16("TIFF"),
     "jpeg": _encoded("JPEG"), "jpeg-progressive": _encoded("JPEG", progressive=True),
     "jpeg-cmyk": _encoded("JPEG", "CMYK"),
     "webp-lossy": _encoded("WEBP"), "webp-lossless": _encoded("WEBP", lossless=True),
@@ -247,6 +263,55 @@ def test_fuzz_png_edits_behind_valid_crcs(worker, seed):
     @given(edits=_edits(len(original)))
     def run(edits):
         check_file_answer(f"png+crc {seed}", worker.ask(b"f", repair_png_crcs(apply_edits(original, edits))))
+
+    run()
+
+
+# ---------------------------------------------------------------------------
+# Decode cost: a progressive JPEG's scans, frame and marker segments
+# ---------------------------------------------------------------------------
+def _flat_progressive_jpeg() -> bytes:
+    """2048x1536, libjpeg's 10 scans; flat, so that each scan after the first is a few bytes (runs of empty blocks)
+    while libjpeg still passes over the image's 3 M pixels for each (5 ms)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2048, 1536), (120, 130, 140)).save(buffer, "JPEG", progressive=True)
+    return buffer.getvalue()
+
+
+PROGRESSIVE = _flat_progressive_jpeg()
+SCAN_STARTS = [at for at in range(len(PROGRESSIVE) - 1) if PROGRESSIVE[at:at + 2] == b"\xff\xda"]
+SOF2 = PROGRESSIVE.index(b"\xff\xc2")  # the progressive frame header: FF C2, length, precision, height, width
+
+
+def _costly_jpeg(scan: int, repeats: int, frame, segment: bytes, segments: int) -> bytes:
+    """PROGRESSIVE with scan ``scan`` (and what follows it up to the next scan) repeated ``repeats`` more times,
+    its frame declared ``frame = (width, height)`` (or left), and ``segments`` copies of ``segment`` after SOI."""
+    ends = SCAN_STARTS[1:] + [len(PROGRESSIVE) - 2]
+    start, end = SCAN_STARTS[scan], ends[scan]
+    data = bytearray(PROGRESSIVE[:end] + PROGRESSIVE[start:end] * repeats + PROGRESSIVE[end:])
+    if frame is not None:
+        data[SOF2 + 5:SOF2 + 9] = struct.pack(">HH", frame[1], frame[0])
+    return bytes(data[:2] + segment * segments + data[2:])
+
+
+def test_fuzz_jpeg_decode_cost(worker):
+    assert len(SCAN_STARTS) == 10 and worker.ask(b"f", PROGRESSIVE)["shape"] == [8, 8, 3]
+    segment_kinds = [b"\xff\xfe\x00\x02", b"\xff\xe1\x00\x02", b"\xff\xfe\x00\x06\xff\xda\xff\xda"]
+
+    @settings(max_examples=EXAMPLES["cost"], **SETTINGS)
+    # Repeats near the limit, or thousands (each a pass over 3 M pixels, 4 ms: 8 s and more before the limits);
+    # the frame as encoded, or declared larger or smaller than the scans' data.
+    @given(scan=st.integers(0, len(SCAN_STARTS) - 1),
+           repeats=st.one_of(st.integers(0, 80), st.integers(2000, 5000)),
+           frame=st.sampled_from([None, (4096, 3072), (16, 16), (1, 2048)]),
+           segment=st.sampled_from(segment_kinds), segments=st.one_of(st.just(0), st.integers(0, 6000)),
+           data=st.data())
+    def run(scan, repeats, frame, segment, segments, data):
+        jpeg = _costly_jpeg(scan, repeats, frame, segment, segments)
+        edits = data.draw(st.lists(_edit(len(jpeg)), max_size=3))
+        answer = worker.ask(b"f", apply_edits(jpeg, edits))
+        check_file_answer("jpeg decode cost", answer)
+        assert answer["seconds"] < COST_SECONDS, (scan, repeats, frame, segments, answer)
 
     run()
 

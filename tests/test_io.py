@@ -472,6 +472,108 @@ def test_allowed_names_cannot_be_misused(tmp_path, obj, message):
         load_weights(_write_pth(tmp_path / "m.pth", obj))
 
 
+class _CallWithItems(_Call):
+    """Pickles as REDUCE ``func(*args)``, then SETITEMS ``items`` on the result."""
+
+    def __init__(self, func: _Global, args: tuple, items: dict):
+        super().__init__(func, args)
+        self.items = items
+
+
+class _ItemsPickler(_TorchLikePickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, _CallWithItems):
+            return obj.func, obj.args, None, None, iter(obj.items.items())
+        return super().reducer_override(obj)
+
+
+def _pickled_with_items(obj) -> bytes:
+    buf = io.BytesIO()
+    _ItemsPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _rebuilt(storage=None):
+    storage = storage or _Storage("0", np.zeros(2, np.float32))
+    return (_Global("torch._utils", "_rebuild_tensor_v2"),
+            (storage, 0, (2,), (1,), False, collections.OrderedDict()))
+
+
+#: Every way the .pth reader refuses a pickle or an archive: (name, write(path) -> path, error class).
+_REFUSED_PTH = [
+    ("BUILD on a rebuilt tensor", lambda p: _write_pth(p, {"w": _Call(*_rebuilt(), state={"data": 1})}),
+     UnsafeFileError),
+    ("BUILD on a storage class", lambda p: _write_pth(p, data_pkl=b"\x80\x02ctorch\nFloatStorage\n}b.", storages={}),
+     UnsafeFileError),
+    ("SETITEM on a rebuilt tensor", lambda p: _write_pth(
+        p, data_pkl=_pickled_with_items({"w": _CallWithItems(*_rebuilt(), {0: 1.0})}),
+        storages={"0": _Storage("0", np.zeros(2, np.float32))}), UnsafeFileError),
+    ("calling a storage class", lambda p: _write_pth(p, {"w": _Call(_Global("torch", "FloatStorage"), (10,))}),
+     UnsafeFileError),
+    ("refused global", lambda p: _write_pth(p, {"w": _Call(_Global("os", "system"), ("ls",))}), UnsafeFileError),
+    ("unsupported dtype", lambda p: _write_pth(
+        p, {"w": _tensor(_Storage("0", np.zeros(2, np.float32), type_name="ComplexFloatStorage", numel=1))}),
+     WeightsFileError),
+    ("unknown storage class", lambda p: _write_pth(
+        p, {"w": _tensor(_Storage("0", np.zeros(2, np.float32), type_name="NoSuchStorage"))}), UnsafeFileError),
+    ("refused opcode", lambda p: _write_pth(p, data_pkl=b"\x80\x02\x82\x01.", storages={}), UnsafeFileError),
+    ("pickle cut short", lambda p: _write_pth(p, data_pkl=b"\x80\x02}q\x00(X\x01\x00\x00", storages={}),
+     WeightsFileError),
+    ("huge memo index", lambda p: _write_pth(p, data_pkl=b"\x80\x02Nr" + (1 << 26).to_bytes(4, "little") + b".",
+                                             storages={}), WeightsFileError),
+    ("persistent id not a storage", lambda p: _write_pth(p, data_pkl=b"\x80\x02X\x01\x00\x00\x00xQ.", storages={}),
+     WeightsFileError),
+    ("missing storage member", lambda p: _write_pth(p, {"w": _tensor(_Storage("0", np.zeros(4, np.float32)))},
+                                                    storages={}), WeightsFileError),
+    ("storage size mismatch", lambda p: _write_pth(p, {"w": _tensor(_Storage("0", np.zeros(4, np.float32),
+                                                                              numel=8))}), WeightsFileError),
+    ("view past the storage", lambda p: _write_pth(p, _one(_Storage("0", np.zeros(4, np.float32)), 0, (10,), (1,))),
+     WeightsFileError),
+    ("negative offset", lambda p: _write_pth(p, _one(_Storage("0", np.zeros(4, np.float32)), -1, (2,), (1,))),
+     WeightsFileError),
+    ("rebuild with a non-storage", lambda p: _write_pth(
+        p, {"w": _Call(_Global("torch._utils", "_rebuild_tensor_v2"), (1, 0, (2,), (1,), False, None))}),
+     WeightsFileError),
+    ("rebuild with too few arguments", lambda p: _write_pth(
+        p, {"w": _Call(_Global("torch._utils", "_rebuild_tensor_v2"), (1,))}), WeightsFileError),
+    ("parameter of a non-tensor", lambda p: _write_pth(
+        p, {"w": _Call(_Global("torch._utils", "_rebuild_parameter"), (1, False, collections.OrderedDict()))}),
+     WeightsFileError),
+    ("conflicting storage types", lambda p: _write_pth(
+        p, {"w": _tensor(_Storage("0", np.zeros(4, np.float32))), "v": _tensor(_Storage("0", np.zeros(2, np.int64)))},
+        storages={"0": _Storage("0", np.zeros(4, np.float32))}), WeightsFileError),
+    ("not a state dict", lambda p: _write_pth(p, [1, 2]), WeightsFileError),
+    ("checkpoint without a state dict", lambda p: _write_pth(p, {"epoch": 3}), WeightsFileError),
+    ("two state dicts", lambda p: _write_pth(p, {"model": _small_state_dict(), "state_dict": _small_state_dict()}),
+     WeightsFileError),
+    ("big-endian", lambda p: _write_pth(p, _small_state_dict(), byteorder=b"big"), WeightsFileError),
+    ("TorchScript", lambda p: _torchscript(_write_pth(p, _small_state_dict())), WeightsFileError),
+    ("two data.pkl", lambda p: _second_archive(_write_pth(p, _small_state_dict())), WeightsFileError),
+]
+
+
+def _torchscript(path):
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("archive/constants.pkl", b"")
+    return path
+
+
+def _second_archive(path):
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("other/data.pkl", b"\x80\x02}.")
+    return path
+
+
+@pytest.mark.parametrize("name, write, error", _REFUSED_PTH, ids=[case[0] for case in _REFUSED_PTH])
+def test_every_refused_pth_names_the_file(tmp_path, name, write, error):
+    path = write(tmp_path / "weights-under-test.pth")
+    with pytest.raises(error) as info:
+        load_weights(path)
+    message = str(info.value)
+    assert str(path) in message, message  # before the fix: BUILD, SETITEM and calls on stand-ins named no file
+    assert len(message.splitlines()) == 1, message
+
+
 @pytest.mark.parametrize("body, error, message", [
     # BINBYTES8 claiming 1 TiB: the C unpickler would allocate it before reading.
     (b"\x8e" + (1 << 40).to_bytes(8, "little") + b"x.", WeightsFileError, "expected 1099511627776 bytes in a bytes8"),

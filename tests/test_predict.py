@@ -197,7 +197,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(trained, tmp_path, case
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     if case == "classes":
-        assert "10.weight has shape (10, 512), the model expects (5, 512); and 1 more" in result.stderr
+        assert "'10.weight' has shape (10, 512), the model expects (5, 512); and 1 more" in result.stderr
 
 
 def test_cuda_without_a_gpu_is_a_usage_error(trained):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -22,12 +23,13 @@ import sys
 import numpy as np
 
 from . import backend
+from .data.folder import RUN_FOLDER_MARKER
 from .io.files import atomic_write
 from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 __all__ = ["UsageError", "FailedRun", "CommandLineParser", "check_device", "check_output_folder", "check_seed",
            "check_image_size", "hardware", "run_command", "write_json", "remove_stale_temporaries",
-           "MAX_IMAGE_SIZE"]
+           "claim_output_folder", "check_outside", "remove_abandoned_partials", "MAX_IMAGE_SIZE"]
 
 #: The largest --image-size / --size accepted.  The decoded dataset grows with its square (N x S x S x 3
 #: bytes), and so does every activation: ResNet18 at 512 px and batch 64 already needs about 40 GB for one
@@ -96,7 +98,9 @@ def remove_stale_temporaries(folder, targets) -> list:
     A write through :func:`~tinynet.io.files.atomic_write` removes its
     temporary file when it fails, but a SIGKILL or a power cut gives it no
     chance.  Only files of exactly that pattern, for the files this program
-    writes, are removed; returns their paths.
+    writes, are removed; returns their paths.  Call it only while holding the
+    folder (:func:`claim_output_folder`): no other run is writing there then,
+    so every such file is a dead run's.
     """
     removed = []
     for path in pathlib.Path(folder).iterdir():
@@ -106,6 +110,117 @@ def remove_stale_temporaries(folder, targets) -> list:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+# What tinynet.data.archive names a cache file while writing it: "<cache name>.npz.partial-<the writer's pid>".
+_PARTIAL = re.compile(r".+\.npz\.partial-(?P<pid>[0-9]+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a pid this system can have
+        return False
+    return True
+
+
+def remove_abandoned_partials(folder) -> list:
+    """Delete the half-written cache files (``<name>.npz.partial-<pid>``) in ``folder`` whose writer is dead.
+
+    The writer's pid is in the name, so a cache that another run is writing
+    right now (several runs may share a cache folder) is left alone; a pid
+    that a new process has taken since keeps its leftover until it ends.
+    Returns the paths removed.
+    """
+    removed = []
+    for path in pathlib.Path(folder).iterdir():
+        match = _PARTIAL.fullmatch(path.name)
+        if match and not _alive(int(match["pid"])) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def check_outside(out, data, out_option: str = "--out", data_option: str = "--data") -> None:
+    """Refuse an output folder inside (or equal to) the data folder: the run's figures would become images."""
+    out_real, data_real = pathlib.Path(out).resolve(), pathlib.Path(data).resolve()
+    if out_real == data_real or data_real in out_real.parents:
+        raise UsageError(f"{out_option} {str(out)!r} is inside {data_option} {str(data)!r}: the run's figures would "
+                         f"be read as training images; choose an output folder outside the data folder")
+
+
+def _holds_run(folder: pathlib.Path, run_files) -> bool:
+    return any((folder / name).exists() for name in run_files)
+
+
+def _lock(folder: pathlib.Path):
+    """An open, exclusively locked ``folder/.tinynet-run``, or the pid of the live run that holds it (an int).
+
+    ``flock`` locks belong to the open file: the kernel releases them when the
+    process ends, however it ends (SIGKILL included), so a dead run never
+    holds a folder.  Without ``fcntl`` (Windows) folders are not locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    file = open(folder / RUN_FOLDER_MARKER, "a+")  # created if missing; never truncated before the lock is ours
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read(20).strip()
+        file.close()
+        return int(holder) if holder.isdigit() else -1
+    except BaseException:
+        file.close()
+        raise
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")  # for the message another run prints; the lock itself is what counts
+    file.flush()
+    return file
+
+
+def claim_output_folder(path, run_files, *, resume: bool, keep) -> tuple[pathlib.Path, str | None]:
+    """The folder this run writes into, created and locked until ``keep`` (an ``ExitStack``) closes.
+
+    ``--resume`` continues the run in ``path`` itself; a live run still
+    writing there refuses it (:class:`UsageError`).  A new run never
+    overwrites a run: it takes the first of ``path``, ``path-2``, ``path-3``,
+    ... that holds none of ``run_files`` (the names a run writes) and that no
+    live run holds, as Lightning and Ultralytics number their runs.  Returns
+    the folder and, when it is not ``path``, a sentence saying why (for the
+    run's first log line).
+    """
+    path = pathlib.Path(path)
+    base = path if path.name else path.resolve()  # "." has no name to number
+    for number in itertools.count(1):
+        folder = path if number == 1 else base.with_name(f"{base.name}-{number}")
+        if not resume and _holds_run(folder, run_files):
+            continue
+        check_output_folder(folder)
+        lock = _lock(folder)
+        if isinstance(lock, int):
+            if resume:
+                raise UsageError(f"--out {str(path)!r} is in use by a run still writing there (pid {lock}); "
+                                 f"wait for it to end, or stop it first")
+            continue
+        if not resume and _holds_run(folder, run_files):  # a run finished there while this one was choosing
+            if lock is not None:
+                lock.close()
+            continue
+        if lock is not None:
+            keep.callback(lock.close)
+        if folder == path:
+            return folder, None
+        return folder, (f"this run writes to {folder}: {path} holds an earlier run, which is kept (pass --resume to "
+                        f"continue that one instead)")
 
 
 def write_json(path, value) -> pathlib.Path:
@@ -157,7 +272,8 @@ def run_command(prog: str, job) -> int:
         return 143 if sigterm.received else 130
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if sigterm.received else "interrupted"
-        print(f"\n{prog}: {how} outside training; every checkpoint written so far is intact", file=sys.stderr)
+        print(f"\n{prog}: {how} outside training; every checkpoint written so far is intact; run again with "
+              f"--resume to continue", file=sys.stderr)
         return 143 if sigterm.received else 130
     return 0
 

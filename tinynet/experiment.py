@@ -26,6 +26,7 @@ with a one-line message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import time
 
@@ -33,7 +34,8 @@ import numpy as np
 
 from . import distributed, nn, optim
 from .cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size, check_output_folder,
-                  check_seed, hardware, remove_stale_temporaries, run_command, write_json)
+                  check_outside, check_seed, claim_output_folder, hardware, remove_stale_temporaries, run_command,
+                  write_json)
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_into
@@ -42,8 +44,11 @@ from .models import resnet18, simple_cnn
 from .predict import BestWeights, model_metadata, ship_weights
 from .random import manual_seed
 from .report import mistakes_gallery, write_report
+from .text import printable
 from .tracking import TrackingUnavailable, Trackers
 from .train import evaluate, fit, predict
+from .train.checkpoint import check_checkpoint
+from .data.identity import dataset_identity
 
 __all__ = ["build_parser", "main", "run", "UsageError"]  # the other command-line pieces live in tinynet.cli
 
@@ -106,6 +111,10 @@ def _check_args(args, model: str) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    # Finite is not enough: 10**12 epochs or images per batch is a typo, never a plan.
+    for name, most in (("epochs", 100_000), ("batch_size", 65_536)):
+        if getattr(args, name) > most:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {getattr(args, name)}")
     check_image_size("--image-size", args.image_size)
     check_seed(args.seed)
     if model == "cnn" and args.image_size % 16:
@@ -115,12 +124,16 @@ def _check_args(args, model: str) -> None:
         raise UsageError(f"--limit must be a positive number of images per class, got {args.limit}")
     if not (args.lr > 0 and np.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if args.lr > 10:  # Adam's step is about lr per weight: beyond this the first step destroys the model
+        raise UsageError(f"--lr must be at most 10, got {args.lr:g}")
     args.device = check_device(args.device)
     if args.data is not None and not pathlib.Path(args.data).is_dir():
         raise UsageError(f"data folder {args.data!r} does not exist or is not a folder")
     pretrained = getattr(args, "pretrained", None)
     if pretrained is not None and not pathlib.Path(pretrained).is_file():
         raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
+    if args.data is not None:  # before the folder is made: the next scan would read the run's figures as photos
+        check_outside(args.out, args.data)
     check_output_folder(args.out)
 
 
@@ -142,7 +155,7 @@ def load_dataset(args, log):
     log(f"data: {args.data}: {len(dataset)} images in {len(dataset.classes)} classes "
         f"({dataset.report}); {len(dataset.skipped)} files skipped")
     for item in dataset.skipped[:10]:
-        log(f"  skipped {item.path}: {item.reason}")
+        log(f"  skipped {printable(item.path)}: {printable(item.reason)}")  # a file name can hold ESC sequences
     if len(dataset.skipped) > 10:
         log(f"  ... and {len(dataset.skipped) - 10} more (all listed in skipped.tsv)")
     return dataset, str(pathlib.Path(args.data).resolve())
@@ -208,7 +221,17 @@ def _check_finite(what: str, value) -> None:
 
 
 def run(model: str, args, log=print) -> dict:
-    """Run the experiment described by parsed ``args``; returns the metrics written to metrics.json."""
+    """Run the experiment described by parsed ``args``; returns the metrics written to metrics.json.
+
+    The output folder is held (locked) until the run ends; a new run never
+    writes into the folder of another run (:func:`tinynet.cli.claim_output_folder`):
+    ``args.out`` is set to the folder it writes to.
+    """
+    with contextlib.ExitStack() as held:
+        return _run(model, args, log, held)
+
+
+def _run(model: str, args, log, held) -> dict:
     from . import plots
 
     _check_args(args, model)
@@ -216,8 +239,12 @@ def run(model: str, args, log=print) -> dict:
     is_main = comm is None or comm.is_main
     log = log if is_main else (lambda *a, **k: None)
     out = pathlib.Path(args.out)
-    if is_main:  # rank 0 alone writes in the output folder, so it alone tidies it
-        for path in remove_stale_temporaries(out, OUTPUT_FILES):
+    if is_main:  # rank 0 alone writes in the output folder: it holds the folder, and alone tidies it
+        out, moved = claim_output_folder(out, OUTPUT_FILES, resume=args.resume, keep=held)
+        args.out = str(out)
+        if moved:
+            log(moved)
+        for path in remove_stale_temporaries(out, OUTPUT_FILES):  # no live run writes here: this one holds it
             log(f"removed {path}, a temporary file left by a run that was killed while writing")
     started = time.time()
     manual_seed(args.seed)
@@ -227,9 +254,15 @@ def run(model: str, args, log=print) -> dict:
         train_idx, val_idx, test_idx = stratified_split(dataset.labels, seed=42, classes=classes)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         raise UsageError(str(error)) from None
-    if hasattr(dataset, "write_skipped") and is_main:
-        dataset.write_skipped(out / "skipped.tsv")
     log(f"split: {len(train_idx)} train, {len(val_idx)} validation, {len(test_idx)} test images")
+    # What the run trains on, recorded in every checkpoint: --resume refuses other images or another split.
+    data_identity = {"images": dataset_identity(dataset, split=(train_idx, val_idx, test_idx))}
+    if comm is not None:  # every rank must have been started for this job: same classes, images and settings
+        settings = {f"--{k.replace('_', '-')}": v for k, v in resume_recipe(model, args, data_name).items()
+                    if k != "data"}  # the folder's path may differ between machines; its images may not
+        distributed.check_same_job(comm, {"its classes": classes, "its images (--data)":
+                                          data_identity["images"]["digest"], **settings, "--seed": args.seed},
+                                   error=UsageError)
 
     augment = Compose([RandomHorizontalFlip(0.5), RandomRotation(10), ColorJitter(0.1, 0.1, 0.1, 0.1)])
     train_loader = DataLoader(dataset, train_idx, args.batch_size, shuffle=True, seed=args.seed,
@@ -255,6 +288,10 @@ def run(model: str, args, log=print) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     if comm is not None:  # SyncBatchNorm (optional), rank 0's weights, gradients averaged over the ranks
         net, optimizer = distributed.prepare(net, optimizer, comm, args.sync_batchnorm)
+    run_extra = {"model": model, "classes": classes, "seed": args.seed, **resume_recipe(model, args, data_name)}
+    if args.resume and (out / "checkpoint.npz").exists():  # a --resume that fit would refuse is refused before
+        check_checkpoint(out / "checkpoint.npz", expect=run_extra, data=data_identity,  # anything is written
+                         batches_per_epoch=len(train_loader))  # (figures, skipped.tsv...)
     # Shipped weights (best.safetensors while training, last.safetensors after) and run tracking: rank 0's.
     meta = model_metadata(model, net, classes, args.image_size)
     callbacks = []
@@ -268,6 +305,8 @@ def run(model: str, args, log=print) -> dict:
         callbacks = [BestWeights(out / "best.safetensors", meta), trackers.on_epoch_end]
 
     if is_main:  # with --distributed, rank 0 alone writes the figures and files
+        if hasattr(dataset, "write_skipped"):
+            dataset.write_skipped(out / "skipped.tsv")
         plots.plot_class_distribution({"train": dataset.labels[train_idx], "validation": dataset.labels[val_idx]},
                                       classes, out / "class_distribution.png")
         x0, y0 = next(iter(DataLoader(dataset, train_idx, min(32, len(train_idx)), shuffle=True, seed=args.seed,
@@ -280,7 +319,7 @@ def run(model: str, args, log=print) -> dict:
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
                   progress=not args.no_progress and is_main,
-                  extra={"model": model, "classes": classes, "seed": args.seed, **resume_recipe(model, args, data_name)},
+                  extra=run_extra, data_identity=data_identity,
                   log=log, on_epoch_end=lambda *state: [callback(*state) for callback in callbacks],
                   distributed=distributed.FitHooks(comm) if comm is not None else None)
     if not is_main:
@@ -335,6 +374,7 @@ def run(model: str, args, log=print) -> dict:
         "shipped": shipped,
         "report": "report.html",
         "hardware": hardware(args.device),
+        "world_size": comm.size if comm is not None else 1,  # processes that trained (--distributed)
         "wall_seconds": time.time() - started,
     }
     write_json(out / "metrics.json", result)
@@ -347,7 +387,11 @@ def run(model: str, args, log=print) -> dict:
         log(f"Test accuracy, best: {100 * shipped['best']['accuracy']:.1f} %  |  weighted F1: "
             f"{shipped['best']['f1_weighted']:.2f}  (best validation epoch {shipped['best']['epoch']}'s weights, "
             f"the ones to ship: best.safetensors)")
-    log(f"figures, metrics.json, report.html, best.safetensors and last.safetensors written to {out}")
+    if best is not None and not shipped["best"]:
+        log(f"no best.safetensors: the file of the best validation epoch ({best}) is missing (removed after it was "
+            f"written?); last.safetensors holds epoch {shipped['last']['epoch']}")
+    weights = "best.safetensors and last.safetensors" if shipped["best"] else "last.safetensors"
+    log(f"figures, metrics.json, report.html, {weights} written to {out}")  # only what is there
     return result
 
 

@@ -3,6 +3,13 @@
 Matplotlib is used through its object-oriented API with the Agg canvas (no
 ``pyplot``, no global state, no display needed), so plotting works on
 headless machines and never changes the caller's matplotlib backend.
+
+Class names are someone else's text (folder names, a model file's metadata),
+and every text in these figures is drawn as plain text (:data:`PLAIN`):
+matplotlib would otherwise parse a name with two ``$`` as mathtext (``x$^$y``
+is a parse error that ends the run; ``price $5-$10`` is silently set as
+math), and with the ``text.usetex`` setting would hand it to LaTeX, an
+external program.
 """
 from __future__ import annotations
 
@@ -14,7 +21,20 @@ from matplotlib.figure import Figure
 
 from .io.files import atomic_write
 
-__all__ = ["plot_class_distribution", "plot_batch_grid", "plot_curves", "plot_confusion_matrix", "plot_tsne"]
+__all__ = ["plot_class_distribution", "plot_batch_grid", "plot_curves", "plot_confusion_matrix", "plot_tsne",
+           "PLAIN"]
+
+#: Text properties for every text these figures draw: no mathtext (``$`` is a dollar sign), no LaTeX, whatever
+#: the caller's rcParams say. Given to each call that makes a text, so that it holds for that text alone.
+PLAIN = {"parse_math": False, "usetex": False}
+
+
+def _legend(ax, *args, **kwargs):
+    """``ax.legend(...)`` with its texts plain (a legend takes no text properties of its own)."""
+    legend = ax.legend(*args, **kwargs)
+    for text in legend.get_texts():
+        text.set(**PLAIN)
+    return legend
 
 
 def _save(fig: Figure, path) -> pathlib.Path:
@@ -36,10 +56,10 @@ def plot_class_distribution(splits: dict, classes, path) -> pathlib.Path:
     for i, (name, labels) in enumerate(splits.items()):
         counts = np.bincount(np.asarray(labels), minlength=k)
         ax.bar(x + (i - (len(splits) - 1) / 2) * width, counts, width, label=f"{name} ({len(labels)})")
-    ax.set_xticks(x, list(classes), rotation=45, ha="right")
-    ax.set_ylabel("images")
-    ax.set_title("Class distribution")
-    ax.legend()
+    ax.set_xticks(x, list(classes), rotation=45, ha="right", **PLAIN)
+    ax.set_ylabel("images", **PLAIN)
+    ax.set_title("Class distribution", **PLAIN)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -54,7 +74,7 @@ def plot_batch_grid(images, labels, classes, path, columns: int = 8) -> pathlib.
     for i in range(b):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(images[i])
-        ax.set_title(str(classes[int(labels[i])]), fontsize=7)
+        ax.set_title(str(classes[int(labels[i])]), fontsize=7, **PLAIN)
         ax.axis("off")
     return _save(fig, path)
 
@@ -71,10 +91,10 @@ def plot_curves(history, path) -> pathlib.Path:
             ax.plot(epochs, val, "o-", label="validation")
         if history.best_epoch is not None:
             ax.axvline(history.best_epoch, color="grey", ls=":", label=f"best epoch {history.best_epoch}")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_xlabel("epoch", **PLAIN)
+        ax.set_title(title, **PLAIN)
         ax.grid(alpha=0.3)
-        ax.legend()
+        _legend(ax)
     return _save(fig, path)
 
 
@@ -86,17 +106,17 @@ def plot_confusion_matrix(matrix, classes, path, title: str = "Confusion matrix"
     ax = fig.add_subplot()
     im = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xticks(range(k), list(classes), rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), list(classes), fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_xticks(range(k), list(classes), rotation=45, ha="right", fontsize=8, **PLAIN)
+    ax.set_yticks(range(k), list(classes), fontsize=8, **PLAIN)
+    ax.set_xlabel("predicted", **PLAIN)
+    ax.set_ylabel("true", **PLAIN)
+    ax.set_title(title, **PLAIN)
     if k <= 25:
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if matrix[i, j] > threshold else "black")
+                        color="white" if matrix[i, j] > threshold else "black", **PLAIN)
     return _save(fig, path)
 
 
@@ -119,12 +139,16 @@ def plot_tsne(features, labels, classes, path, dims: int = 2, title: str = "t-SN
     fig = Figure(figsize=(8, 6.5))
     ax = fig.add_subplot(projection="3d" if dims == 3 else None)
     cmap = _class_colours(len(classes))
+    handles, names = [], []
     for k, name in enumerate(classes):
         sel = labels == k
         if sel.any():
-            ax.scatter(*points[sel].T, s=8, color=cmap[k], label=name, alpha=0.8)
-    ax.set_title(title)
-    ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
+            handles.append(ax.scatter(*points[sel].T, s=8, color=cmap[k], alpha=0.8))
+            names.append(str(name))
+    ax.set_title(title, **PLAIN)
+    # Handles and names given explicitly: from the artists' labels, matplotlib would leave out a class whose
+    # name starts with "_" (its mark for "no legend entry").
+    _legend(ax, handles, names, fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 

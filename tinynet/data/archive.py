@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import stat
 import time
 import warnings
 import zipfile
@@ -35,7 +36,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..io.files import ZIP_READ_ERRORS
+from ..io.files import ZIP_READ_ERRORS, open_regular_file
 from .datasets import DecodedDataset
 from .decode import (MAX_FILE_BYTES, DecodeReport, SkippedFile, UnreadableImage, check_limit, decode_all,
                      error_text, image_size, read_file, read_image_bytes)
@@ -204,9 +205,17 @@ class ZipImageDataset(DecodedDataset):
 
     def _decode(self, size, limit_per_class, threads) -> dict:
         """List, then decode the split; the arrays a cache stores, plus the report."""
-        if zipfile.is_zipfile(self.source):
+        if os.path.isdir(self.source):
+            return self._decode_folder(size, limit_per_class, threads)
+        # Opened once, and read from that descriptor only: a FIFO swapped in is refused, never waited on.
+        file, _ = open_regular_file(self.source, lambda status: ValueError(
+            f"image archive {self.source!r} is not a regular file (mode {stat.filemode(status.st_mode)}); "
+            f"expected a zip file or a folder"))
+        with file:
+            if not zipfile.is_zipfile(file):
+                raise ValueError(f"image archive {self.source!r} is neither a zip file nor a folder")
             try:
-                archive = zipfile.ZipFile(self.source)
+                archive = zipfile.ZipFile(file)
             except ZIP_READ_ERRORS as error:  # a damaged central directory, names that are not text, ...
                 raise ValueError(f"image archive {self.source!r} cannot be opened as a zip file "
                                  f"({error_text(error)}); it is truncated or corrupt") from None
@@ -219,8 +228,9 @@ class ZipImageDataset(DecodedDataset):
                 return self._decode_listed(by_class, skipped, table_text,
                                            _member_reader(archive, self._bounds["max_file_bytes"]),
                                            f"{self.source}/", size, limit_per_class, threads)
-        if not os.path.isdir(self.source):
-            raise ValueError(f"image archive {self.source!r} is neither a zip file nor a folder")
+
+    def _decode_folder(self, size, limit_per_class, threads) -> dict:
+        """:meth:`_decode` for an archive extracted to a folder."""
         split_dir = os.path.join(self.source, self.split)
         if not os.path.isdir(split_dir):
             raise FileNotFoundError(f"image archive {self.source!r} has no {self.split!r} folder")
@@ -229,11 +239,14 @@ class ZipImageDataset(DecodedDataset):
         for name in classes:
             by_class[name], unlisted = list_class_files(os.path.join(split_dir, name))
             skipped += unlisted
-        table_path = os.path.join(self.source, CLASS_TABLE)
-        table_text = ""
-        if os.path.isfile(table_path):
-            with open(table_path, "rb") as file:
-                table_text = _class_table_text(file, self.source)
+        try:
+            table, _ = open_regular_file(os.path.join(self.source, CLASS_TABLE), lambda status: _unreadable_table(
+                self.source, ValueError(f"not a regular file, mode {stat.filemode(status.st_mode)}")))
+        except FileNotFoundError:
+            table_text = ""
+        else:
+            with table:
+                table_text = _class_table_text(table, self.source)
         read = functools.partial(read_file, max_bytes=self._bounds["max_file_bytes"])
         return self._decode_listed(by_class, skipped, table_text, read, "", size, limit_per_class, threads)
 

@@ -20,24 +20,38 @@ How one file becomes an ``(H, W, 3)`` array, in order:
    file that merely *claims* to be a photo must never reach them.
 3. Images with more than ``max_pixels`` pixels are refused before decoding
    (a decompression bomb: a small file that would expand to gigabytes).
-4. The mode is converted to RGB by :func:`to_rgb`: PIL's ``convert("RGB")``,
+   A JPEG's marker segments are walked first (:func:`count_jpeg_scans`), and
+   one of more than :data:`MAX_JPEG_SEGMENTS` segments, more than
+   :data:`MAX_JPEG_SCANS` scans, or more than :data:`MAX_JPEG_SCAN_PIXELS`
+   pixels times scans is refused: each scan of a progressive JPEG is a pass
+   over the whole image, and a repeated one costs a few bytes of file.
+4. The decode itself waits for its pixels in :data:`DECODE_BUDGET`, shared
+   by every decoding thread, so that a few large images at a time hold
+   memory, not one per thread.
+5. The mode is converted to RGB by :func:`to_rgb`: PIL's ``convert("RGB")``,
    which is what a PyTorch pipeline's ``Image.open(p).convert("RGB")`` does,
    except that 16-bit greyscale is scaled to 8 bits instead of clipped.
-5. The image is resized to ``size`` with Pillow's BILINEAR filter, which
+6. The image is resized to ``size`` with Pillow's BILINEAR filter, which
    antialiases when it shrinks: exactly ``torchvision.transforms.Resize``
    on a PIL image.
+
+Every limit is a module attribute read when an image is decoded, so a
+trusted dataset that needs more can raise it (``decode.MAX_JPEG_SCANS = 200``).
 
 The EXIF orientation tag is *not* applied, as PIL and torchvision do not
 apply it either: a photo stored sideways stays sideways, in both pipelines.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
 import math
 import os
+import re
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,11 +60,14 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..io.files import open_regular_file
+
 __all__ = [
     "SkippedFile", "DecodeReport", "UnreadableImage",
     "to_rgb", "decode_rgb", "decode_all", "read_file", "describe_error", "write_skipped", "image_size",
     "check_limit", "error_text", "sniff_format", "read_image_bytes", "check_fits_in_memory", "FORMATS",
-    "MAX_FILE_BYTES",
+    "MAX_FILE_BYTES", "count_jpeg_scans", "PixelBudget", "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_PIXELS",
+    "MAX_JPEG_SEGMENTS", "DECODE_BUDGET",
 ]
 
 # Pillow's modes for one channel of 16-bit samples.  "I" (32-bit integer) is
@@ -79,6 +96,26 @@ HEADER_BYTES = 16  # enough for every signature above
 #: PNG about 70 MB; a larger file is refused from its size before it is read, since every decoding
 #: thread would otherwise hold one whole in memory.
 MAX_FILE_BYTES = 128 << 20
+
+#: The most scans a JPEG may have.  libjpeg's progressive script (what Pillow, PIL and most cameras'
+#: software write) has 10 for colour and 6 for greyscale; encoders that tune the script (mozjpeg, jpegtran's
+#: -scans) stay near that, and 64 is one scan for each of a block's 64 coefficients.  libjpeg-turbo's djpeg
+#: has the same guard (-maxscans).  Each scan is a pass over every block of the image: a 4000x4000 JPEG
+#: with its last scan repeated 2,000 times (156 kB) took 44 s to decode.
+MAX_JPEG_SCANS = 64
+
+#: The most pixels times scans a JPEG may have: 24 scans at Pillow's pixel limit (89,478,485), or 64 scans of
+#: 33.5 M pixels.  An extra scan costs about 1.2 ns a pixel, so no allowed JPEG costs much more than an honest
+#: progressive one of the largest size (10 scans): at 9400x9400, 24 scans decoded in 6.8 s where 10 took 5.3 s.
+MAX_JPEG_SCAN_PIXELS = 24 * 89_478_485
+
+#: The most marker segments walked in a JPEG.  A photo has a few dozen (APPn metadata, tables, SOF, scans;
+#: an ICC profile or extended XMP in 64 kB chunks); Pillow's header reader spends ~1.3 us in Python on each,
+#: so 128 MB of empty 4-byte segments would take 43 s before a pixel is decoded.
+MAX_JPEG_SEGMENTS = 4096
+
+#: Pixels converted at a time by :func:`to_rgb` for wide greyscale: 1 MB of uint32 temporaries.
+STRIP_PIXELS = 1 << 18
 
 # Images decoded by one thread pool task: large enough that the pool's
 # bookkeeping is negligible, small enough to keep every thread busy to the end.
@@ -152,13 +189,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
       0..255 scale and clips.
     """
     if image.mode in SIXTEEN_BIT_MODES:
-        samples = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        image = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8))
+        image = _wide_grey_to_l(image)
     elif image.mode == "P" and "transparency" in image.info:
         # Through RGBA, as Pillow asks for palettes with transparency (it warns
         # otherwise); dropping the alpha afterwards gives the same pixels.
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+    """16- or 32-bit greyscale as mode L, ``round(clip(v, 0, 65535) * 255 / 65535)``, in strips of rows.
+
+    Converting the whole image at once widens every sample to 8 bytes, several
+    times over: a 9400x9400 16-bit PNG peaked at 1.68 GB, against 0.73 GB for
+    an 8-bit RGB image of that size.  Strips of :data:`STRIP_PIXELS` keep the
+    temporaries at a megabyte; uint32 holds ``65535 * 255 + 32767`` exactly.
+    """
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        samples = np.asarray(image.crop((0, top, width, bottom)))  # the strip only: 2 or 4 bytes a pixel
+        samples = np.clip(samples, 0, 65535).astype(np.uint32)
+        grey[top:bottom] = (samples * 255 + 32767) // 65535
+    return Image.fromarray(grey)
 
 
 def sniff_format(head: bytes) -> str:
@@ -196,24 +251,111 @@ def read_image_bytes(stream, size: int, max_bytes: int = MAX_FILE_BYTES) -> byte
     return data
 
 
+# A JPEG marker, as libjpeg finds one between segments and inside entropy-coded data: 0xFF (after any 0xFF fill
+# bytes), then a code that is not 0x00 (0xFF 0x00 is a stuffed 0xFF data byte) and not RST0-7 (0xD0-0xD7:
+# restart markers, which have no segment and only separate the entropy-coded intervals of one scan).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_SOS, _EOI = 0xDA, 0xD9
+_NO_SEGMENT = frozenset({0x01, 0xD8})  # TEM, SOI: markers without a length field (EOI ends the walk)
+
+
+def count_jpeg_scans(data: bytes, max_segments: int | None = None) -> int:
+    """The number of scans (SOS segments) of the JPEG ``data``, found by walking its marker segments.
+
+    The walk is libjpeg's: a segment's payload is skipped by its length
+    field, so the bytes ``FF DA`` inside an EXIF thumbnail or an ICC profile
+    are not scans; the bytes after a segment (an SOS's entropy-coded data, or
+    garbage) are searched for the next marker, by a regular expression, so in
+    C; it ends at EOI or at the end of the data.  Raises
+    :class:`UnreadableImage` past ``max_segments`` segments (default
+    :data:`MAX_JPEG_SEGMENTS`), which bounds the walk's own time.
+    """
+    max_segments = MAX_JPEG_SEGMENTS if max_segments is None else max_segments
+    scans = segments = 0
+    at = 2  # after SOI
+    while (found := _JPEG_MARKER.search(data, at)) is not None:
+        code = data[found.start() + 1]
+        if code == _EOI:
+            break
+        segments += 1
+        if segments > max_segments:
+            raise UnreadableImage(f"a JPEG of more than {max_segments:,} marker segments (a photo has a few dozen)")
+        at = found.end()
+        if code in _NO_SEGMENT:
+            continue
+        scans += code == _SOS
+        at += max(int.from_bytes(data[at:at + 2], "big"), 2)  # the length counts its own two bytes
+    return scans
+
+
+def _check_jpeg_work(width: int, height: int, scans: int) -> None:
+    """Refuse a JPEG whose scans, or scans times pixels, are over :data:`MAX_JPEG_SCANS` / :data:`MAX_JPEG_SCAN_PIXELS`."""
+    if scans > MAX_JPEG_SCANS:
+        raise UnreadableImage(f"a JPEG of {scans:,} scans, over the limit of {MAX_JPEG_SCANS} "
+                              f"(a progressive JPEG has about 10)")
+    if width * height * scans > MAX_JPEG_SCAN_PIXELS:
+        raise UnreadableImage(f"{width}x{height} pixels in {scans} scans: {width * height * scans:,} pixel-scans, "
+                              f"over the limit of {MAX_JPEG_SCAN_PIXELS:,} for one JPEG")
+
+
+class PixelBudget:
+    """The pixels that images being decoded may hold at once, shared by every thread that decodes.
+
+    Decoding an image takes about 8 bytes a pixel (Pillow's 4-byte RGB
+    pixels, made twice by the conversion), so ``total`` pixels bound the
+    decoding threads' memory together at about ``8 * total`` bytes, however
+    many threads there are.  ``hold(pixels)`` waits until that many are free;
+    an image over the whole budget waits for all of it, and decodes alone.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + pixels <= self.total)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
+#: The budget of every decode in this process: two images at Pillow's pixel limit (about 1.4 GB together), or
+#: 15 photos of 12 M pixels, at once.  Small images (a dataset's usual case) never wait.
+DECODE_BUDGET = PixelBudget(2 * 89_478_485)
+
+
 def decode_rgb(data: bytes, size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
     """Decode one encoded image (a format of :data:`FORMATS`) into uint8 ``(H, W, 3)``, ``(H, W) = size``.
 
     Raises :class:`UnreadableImage` for an empty file, a file in any other
-    format, or one with more than ``max_pixels`` pixels (default: Pillow's
-    ``Image.MAX_IMAGE_PIXELS``), and whatever Pillow raises for a file it
-    cannot decode.
+    format, one with more than ``max_pixels`` pixels (default: Pillow's
+    ``Image.MAX_IMAGE_PIXELS``), a JPEG over the limits on its segments and
+    scans (see the module docstring), and whatever Pillow raises for a file
+    it cannot decode.  Waits for the image's pixels in :data:`DECODE_BUDGET`.
     """
     fmt = sniff_format(data[:HEADER_BYTES])
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    # Walked before Pillow reads the header: Pillow parses a JPEG's segments up to the first scan in Python.
+    scans = count_jpeg_scans(data) if fmt == "JPEG" else None
     # formats=: Pillow tries this one plugin only, never one that its own content sniffing would pick.
     with Image.open(io.BytesIO(data), formats=[fmt]) as image:
         width, height = image.size
         if limit is not None and width * height > limit:
             raise UnreadableImage(f"{width}x{height} = {width * height:,} pixels is over the limit of "
                                   f"{limit:,} (a decompression bomb?)")
-        rgb = to_rgb(image)  # decodes: a truncated file raises here
-    return np.asarray(rgb.resize((size[1], size[0]), Image.BILINEAR))
+        if scans is not None:
+            _check_jpeg_work(width, height, scans)
+        with DECODE_BUDGET.hold(width * height):
+            rgb = to_rgb(image)  # decodes: a truncated file raises here
+            return np.asarray(rgb.resize((size[1], size[0]), Image.BILINEAR))
 
 
 def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -222,13 +364,17 @@ def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     Anything else raises: :class:`UnreadableImage` for a FIFO, socket or
     device (reading a FIFO would block forever), a file over ``max_bytes``
     or one that does not start like an image; ``OSError`` for a broken
-    link, a link loop or a file without read permission.
+    link, a link loop or a file without read permission.  The file is
+    opened once and its type taken from that descriptor
+    (:func:`tinynet.io.files.open_regular_file`), so a file swapped for a
+    FIFO after the folder was listed is refused too, never waited on.
     """
-    status = os.stat(path)
-    if not stat.S_ISREG(status.st_mode):
-        raise UnreadableImage(f"not a regular file (mode {stat.filemode(status.st_mode)})")
-    with open(path, "rb") as file:
-        return read_image_bytes(file, status.st_size, max_bytes)
+    def refuse(status):
+        return UnreadableImage(f"not a regular file (mode {stat.filemode(status.st_mode)})")
+
+    file, size = open_regular_file(path, refuse)
+    with file:
+        return read_image_bytes(file, size, max_bytes)
 
 
 def describe_error(error: BaseException) -> str:

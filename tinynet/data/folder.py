@@ -38,10 +38,18 @@ from .datasets import DecodedDataset
 from .decode import (MAX_FILE_BYTES, SkippedFile, check_limit, decode_all, describe_error, image_size,
                      read_file)
 
-__all__ = ["ImageFolder", "find_classes", "list_class_files", "NOT_IN_A_CLASS_FOLDER"]
+__all__ = ["ImageFolder", "find_classes", "list_class_files", "NOT_IN_A_CLASS_FOLDER", "RUN_FOLDER_MARKER"]
 
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (expected <root>/<class>/<image>)"
+#: The file every training run keeps (and locks) in its output folder (:func:`tinynet.cli.claim_output_folder`).
+#: A folder holding it, or a checkpoint, is a run's output, and its figures are never read as images.
+RUN_FOLDER_MARKER = ".tinynet-run"
+RUN_FOLDER = "a training run's output folder (its figures are not images to train on)"
+
+
+def _is_run_folder(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (RUN_FOLDER_MARKER, "checkpoint.npz"))
 
 
 def _hidden(name: str) -> bool:
@@ -61,8 +69,10 @@ def find_classes(root: str) -> tuple[list[str], list[SkippedFile]]:
         raise NotADirectoryError(f"image folder {root!r} is not a directory: expected root/<class>/<image>")
     with os.scandir(root) as entries:
         visible = [entry for entry in entries if not _hidden(entry.name)]
-    classes = sorted(entry.name for entry in visible if entry.is_dir())
+    runs = [entry for entry in visible if entry.is_dir() and _is_run_folder(entry.path)]
+    classes = sorted(entry.name for entry in visible if entry.is_dir() and entry not in runs)
     stray = [SkippedFile(entry.path, NOT_IN_A_CLASS_FOLDER) for entry in visible if not entry.is_dir()]
+    stray += [SkippedFile(entry.path, RUN_FOLDER) for entry in runs]
     if not classes:
         found = f"; it holds {len(stray)} files directly, which belong in class folders" if stray else ""
         raise ValueError(f"image folder {root!r} has no class folders: expected one sub-folder per class, "
@@ -92,6 +102,10 @@ def list_class_files(class_dir: str) -> tuple[list[str], list[SkippedFile]]:
             subfolders.clear()
             continue
         read.add(real)
+        if _is_run_folder(folder):
+            skipped.append(SkippedFile(folder, RUN_FOLDER))
+            subfolders.clear()
+            continue
         # Sorted, so that which of two links to one folder counts as the first does not depend on the OS.
         subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
         folders.append((folder, sorted(name for name in names if not _hidden(name))))

@@ -8,6 +8,7 @@ holds a full copy of the model and trains it on its own 1/N of every batch::
     distributed.broadcast_state(net, comm)             # every rank starts from rank 0's weights
     optimizer = distributed.DistributedOptimizer(optim.SGD(net.parameters(), ...), comm)
     loader = distributed.DistributedLoader.wrap(loader, comm)   # this rank's share of each batch
+    distributed.check_same_job(comm, {"its classes": classes, "--lr": lr})   # every rank started for the same job
     fit(net, optimizer, ..., distributed=distributed.FitHooks(comm))
 
 After each backward, :class:`DistributedOptimizer` averages the gradients over
@@ -26,13 +27,14 @@ import sys
 
 from .communicator import (DEFAULT_TIMEOUT, Communicator, DistributedError, LocalCommunicator, MPICommunicator)
 from .data_parallel import DistributedOptimizer, FitHooks, broadcast_state, check_replicas_equal
+from .job import check_same_job
 from .sampler import DistributedLoader, shard_order
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["init", "world", "Communicator", "LocalCommunicator", "MPICommunicator", "DistributedError",
            "DistributedOptimizer", "FitHooks", "broadcast_state", "check_replicas_equal", "DistributedLoader",
            "shard_order", "SyncBatchNorm", "convert_sync_batchnorm", "install_abort_on_error", "add_arguments",
-           "DEFAULT_TIMEOUT"]
+           "DEFAULT_TIMEOUT", "check_same_job"]
 
 _world: Communicator = LocalCommunicator()
 

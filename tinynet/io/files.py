@@ -48,9 +48,10 @@ import numpy as np
 
 from .. import backend
 from ..nn.module import Parameter
+from ..signals import deferred_signals
 from .errors import WeightsFileError, WeightsLimitError
 
-__all__ = ["Limits", "MiB", "GiB", "check_weights_path", "open_zip", "check_zip_members", "ZIP_READ_ERRORS", "read_member",
+__all__ = ["Limits", "MiB", "GiB", "open_regular_file", "open_weights_file", "open_zip", "check_zip_members", "ZIP_READ_ERRORS", "read_member",
            "atomic_write", "is_index", "short_repr", "check_shape", "bfloat16_to_float32", "host_array", "SAVE_DTYPES"]
 
 MiB = 1 << 20
@@ -137,29 +138,70 @@ def short_repr(value, limit: int = 80) -> str:
     return _ShortRepr(limit).repr(value)
 
 
-def check_weights_path(path) -> tuple[pathlib.Path, int]:
-    """``(Path, size in bytes)`` of a regular file; a clear error for anything else.
+# O_NONBLOCK: opening a FIFO that has no writer returns at once instead of waiting for one; O_NOCTTY: a
+# terminal device opened here never becomes this process's controlling terminal.  Windows has neither (nor FIFOs).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
 
-    A FIFO or a device (``/dev/zero``) would block or never end if read, so the
-    type is checked with ``stat`` before the file is opened.
+
+def open_regular_file(path, refuse) -> tuple:
+    """``(binary file, size in bytes)`` of the regular file at ``path``, opened once; ``refuse(status)`` otherwise.
+
+    The type is taken from the descriptor opened (``fstat``), never from the
+    path before opening it: checked by path and opened again by path, a
+    file swapped for a FIFO in between blocked the reader forever.  The
+    open cannot block (O_NONBLOCK, cleared once the file is known to be
+    regular, where it changes nothing).  For anything but a regular file
+    the descriptor is closed and ``refuse(os.stat_result)``, an exception,
+    is raised.  ``OSError`` for a missing file or one that cannot be read.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise refuse(status)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        file = os.fdopen(fd, "rb")
+        file.raw.name = os.fspath(path)  # as open(path) names it (zipfile takes an archive's name from it)
+        return file, status.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _not_a_weights_file(p: pathlib.Path, mode: int) -> WeightsFileError:
+    if stat.S_ISDIR(mode):
+        return WeightsFileError(f"{p}: is a directory; expected a weights file (.pth, .npz or .safetensors)")
+    return WeightsFileError(f"{p}: is not a regular file (a device, pipe or socket); expected a weights file")
+
+
+def open_weights_file(path) -> tuple:
+    """``(Path, binary file, size in bytes)`` of a regular file, opened once; a clear error for anything else.
+
+    A FIFO or a device (``/dev/zero``) would block or never end if read; the
+    readers take every byte from the file returned (see
+    :func:`open_regular_file`), so what was checked is what is read.  The
+    caller closes the file.
     """
     try:
         p = pathlib.Path(os.fspath(path))
     except TypeError:
         raise TypeError(f"weights path must be a str or os.PathLike, got {type(path).__name__}") from None
     try:
-        st = p.stat()
+        file, size = open_regular_file(p, lambda status: _not_a_weights_file(p, status.st_mode))
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "No such weights file", str(p)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise WeightsFileError(f"{p}: is a directory; expected a weights file (.pth, .npz or .safetensors)")
-    if not stat.S_ISREG(st.st_mode):
-        raise WeightsFileError(f"{p}: is not a regular file (a device, pipe or socket); expected a weights file")
-    return p, st.st_size
+    except PermissionError:
+        if p.is_dir():  # Windows refuses to open a directory as a file
+            raise _not_a_weights_file(p, stat.S_IFDIR) from None
+        raise
+    return p, file, size
 
 
-def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
-    """Open a zip archive whose directory accounts for every byte before it; else a clear error.
+def open_zip(file, path: pathlib.Path) -> zipfile.ZipFile:
+    """Open the zip archive in the binary ``file`` (``path`` names it) whose directory accounts for every byte.
+
+    Closing the ZipFile leaves ``file`` open: its opener owns it.
 
     The central directory sits at the end of a zip, so a truncated download is
     the usual reason it cannot be found.  :mod:`zipfile` trusts that
@@ -172,7 +214,7 @@ def open_zip(path: pathlib.Path) -> zipfile.ZipFile:
     directory (:func:`_check_layout`), as PyTorch and numpy write them.
     """
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, OSError) as exc:
         raise WeightsFileError(
             f"{path}: starts like a zip archive but cannot be opened as one ({str(exc)[:200]}); "
@@ -254,7 +296,8 @@ def check_zip_members(zf: zipfile.ZipFile, path, limits: Limits) -> None:
                 f"{path}: zip members declare at least {total} uncompressed bytes (at {name}), "
                 f"more than the limit of {limits.max_bytes} bytes (Limits.max_bytes; pass a larger max_bytes "
                 f"if the file is trusted)")
-    file_size = os.stat(path).st_size
+    zf.fp.seek(0, os.SEEK_END)  # the file the archive was read from (opened once, never again by its path)
+    file_size = zf.fp.tell()
     if total > limits.ratio_free_bytes and total > limits.max_compression_ratio * file_size:
         raise WeightsLimitError(
             f"{path}: zip members declare {total} uncompressed bytes in a file of {file_size} (ratio "
@@ -290,7 +333,8 @@ def atomic_write(path: pathlib.Path):
 
     The temporary file is created next to the target (``os.replace`` is atomic
     only within one file system) with ``O_EXCL`` and mode 0o666, so the umask
-    gives it the permissions any new file would get.
+    gives it the permissions any new file would get.  A Ctrl-C or SIGTERM that
+    arrives during the write is acted on after it (:mod:`tinynet.signals`).
     """
     directory = path.parent
     if not directory.is_dir():
@@ -298,18 +342,19 @@ def atomic_write(path: pathlib.Path):
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "Cannot save weights over a directory", str(path))
     tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
+    with deferred_signals():  # Ctrl-C or SIGTERM is acted on once the file is whole, never half-way through it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_directory(directory)
 
 
 def _fsync_directory(directory: pathlib.Path) -> None:

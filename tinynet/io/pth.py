@@ -133,16 +133,21 @@ def find_archive_prefix(zf: zipfile.ZipFile, path) -> str | None:
 # ---------------------------------------------------------------------------
 # Stand-ins for the allowed globals
 # ---------------------------------------------------------------------------
+class _Misuse(Exception):
+    """A pickle used a stand-in as a state dict never does.  The stand-ins do not know the file;
+    :func:`read_pth` turns this into an :class:`UnsafeFileError` naming it."""
+
+
 class _Inert:
     """Base of the stand-ins: a pickle may build them, never modify or call them."""
 
     __slots__ = ()
 
     def __setstate__(self, state):  # BUILD
-        raise UnsafeFileError(f"pickle tried to set the state of a {type(self).__name__}; a state dict never does")
+        raise _Misuse(f"pickle tried to set the state of a {type(self).__name__}; a state dict never does")
 
     def __setitem__(self, key, value):  # SETITEM
-        raise UnsafeFileError(f"pickle tried to assign an item of a {type(self).__name__}; a state dict never does")
+        raise _Misuse(f"pickle tried to assign an item of a {type(self).__name__}; a state dict never does")
 
 
 class _StorageType(_Inert):
@@ -155,7 +160,7 @@ class _StorageType(_Inert):
         self.dtype = np.dtype(dtype)
 
     def __call__(self, *args, **kwargs):  # REDUCE with a storage class as the callable
-        raise UnsafeFileError(f"pickle tried to call torch.{self.name}; a state dict only names it in a storage id")
+        raise _Misuse(f"pickle tried to call torch.{self.name}; a state dict only names it in a storage id")
 
 
 class _Storage(_Inert):
@@ -543,6 +548,8 @@ def read_pth(zf: zipfile.ZipFile, prefix: str, path, limits: Limits) -> "collect
         unpickler = StateDictUnpickler(data, zf, prefix, path, limits)
         try:
             obj = unpickler.load()
+        except _Misuse as exc:
+            raise UnsafeFileError(f"{unpickler._where()}: {exc}, so the file was not loaded") from None
         except WeightsFileError:
             raise
         except Exception as exc:  # a malformed pickle can raise a dozen types (UnpicklingError, EOFError...)

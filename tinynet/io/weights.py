@@ -26,7 +26,7 @@ import numpy as np
 from ..nn.module import LoadResult, Module, StateDictError
 from . import npz, pth, safetensors
 from .errors import WeightsFileError, WeightsValueError
-from .files import Limits, atomic_write, check_weights_path, host_array, open_zip, short_repr
+from .files import Limits, atomic_write, host_array, open_weights_file, open_zip, short_repr
 
 __all__ = ["load_weights", "save_weights", "load_into", "read_metadata", "check_state_values", "SAVE_FORMATS",
            "DATA_PARALLEL_PREFIXES"]
@@ -96,8 +96,9 @@ def load_weights(path, *, with_metadata: bool = False, **limits):
         ``ValueError``.
     """
     limits = _limits(limits)
-    p, size = check_weights_path(path)
-    state, metadata = _read(p, size, limits)
+    p, file, size = open_weights_file(path)
+    with file:
+        state, metadata = _read(file, p, size, limits)
     return (state, metadata) if with_metadata else state
 
 
@@ -109,20 +110,20 @@ def read_metadata(path, **limits) -> dict:
     and give ``{}``.  Raises what :func:`load_weights` raises.
     """
     limits = _limits(limits)
-    p, size = check_weights_path(path)
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if safetensors.looks_like_safetensors(head):
-        return safetensors.read_safetensors_metadata(p, size, limits)
-    return _read(p, size, limits)[1]
+    p, file, size = open_weights_file(path)
+    with file:
+        head = file.read(16)
+        if safetensors.looks_like_safetensors(head):
+            return safetensors.read_safetensors_metadata(p, size, limits)
+        file.seek(0)
+        return _read(file, p, size, limits)[1]
 
 
-def _read(p: pathlib.Path, size: int, limits: Limits):
-    """``(state dict, metadata)`` of the file ``p``, its format detected from its first bytes."""
-    with open(p, "rb") as f:
-        head = f.read(16)
+def _read(file, p: pathlib.Path, size: int, limits: Limits):
+    """``(state dict, metadata)`` of the open binary ``file`` (named ``p``), its format detected from its first bytes."""
+    head = file.read(16)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a local file header, or the end record of an empty zip
-        with open_zip(p) as zf:
+        with open_zip(file, p) as zf:
             prefix = pth.find_archive_prefix(zf, p)
             if prefix is not None:
                 return pth.read_pth(zf, prefix, p, limits), {}

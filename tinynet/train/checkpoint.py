@@ -6,10 +6,13 @@ so loading one never runs code) holding
 * ``model/<key>``: the model's state dict (parameters and BatchNorm buffers);
 * ``optimizer/<index>/<name>``: the optimizer's per-parameter arrays (Adam's
   moments, SGD's momentum buffers);
+* ``data/<part>/files``: with ``data=``, each part's per-image records
+  (:func:`tinynet.data.identity.dataset_identity`), to say what changed in
+  the data a resumed run is given;
 * ``__meta__``: a JSON document (as bytes) with everything else: format
   version, epoch and batch position, optimizer hyper-parameters and step
-  counts, scheduler state, history, best epoch, and the caller's ``extra``
-  (model name, classes, seed, ...).
+  counts, scheduler state, history, best epoch, the data's identity (classes,
+  image count, digests), and the caller's ``extra`` (model name, seed, ...).
 
 It is written to a temporary file in the same folder, flushed to disk and
 renamed over the old one (:func:`tinynet.io.files.atomic_write`): a crash,
@@ -18,7 +21,8 @@ and a failed write raises :class:`CheckpointWriteError` saying so.
 It is read back through :func:`tinynet.io.load_weights`, under its limits, so
 a checkpoint from elsewhere cannot claim gigabytes it does not hold.  A
 truncated file, a file that is not a checkpoint, or one for another model or
-another run is refused with the reason.
+another run is refused with the reason, and so is a checkpoint whose
+position (epoch, batch) the data cannot hold, or one made on other data.
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ import numpy as np
 
 from .. import backend
 from ..io import WeightsFileError, WeightsValueError, check_state_values, load_weights
+from ..data.identity import identity_changes, identity_summary
 from ..io.files import atomic_write, short_repr
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointWriteError", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_checkpoint", "CheckpointError", "CheckpointWriteError",
+           "FORMAT"]
 
 FORMAT = "tinynet-checkpoint-1"
 
@@ -56,11 +62,13 @@ def _jsonable(value):
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, *, epoch: int, batch: int = 0,
-                    history=None, extra=None) -> pathlib.Path:
+                    history=None, extra=None, data=None) -> pathlib.Path:
     """Write a checkpoint of the state *after* ``batch`` batches of ``epoch`` (batch 0: the epoch is complete).
 
     ``epoch`` counts completed epochs when ``batch == 0``; otherwise the run
-    stopped inside epoch ``epoch`` after ``batch`` of its batches.
+    stopped inside epoch ``epoch`` after ``batch`` of its batches.  ``data``:
+    ``{part: identity}`` (:func:`tinynet.data.identity.dataset_identity`) of
+    the data trained on, which :func:`load_checkpoint` compares.
     """
     path = pathlib.Path(path)
     arrays = {}
@@ -76,6 +84,8 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, *, epoch: int, 
                     arrays[f"optimizer/{index}/{name}"] = backend.to_numpy(value)
                 else:
                     opt_meta["scalars"].setdefault(str(index), {})[name] = _jsonable(value)
+    for part, identity in (data or {}).items():
+        arrays[f"data/{part}/files"] = np.asarray(identity["files"], dtype=np.uint64)
     meta = {
         "format": FORMAT,
         "epoch": int(epoch),
@@ -85,6 +95,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, *, epoch: int, 
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "history": _jsonable(history) if history is not None else None,
         "extra": _jsonable(extra or {}),
+        "data": {part: _jsonable(identity_summary(identity)) for part, identity in (data or {}).items()},
     }
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     try:
@@ -131,6 +142,17 @@ def _meta_problem(meta: dict) -> str | None:
                                             for k in ("loss_sum", "correct", "seen", "skipped"))
                                     and all(_is_int(partial.get(k, 0)) for k in ("correct", "seen", "skipped"))):
         return f"extra._partial_epoch is {short_repr(partial)}, expected running sums loss_sum, correct, seen, skipped"
+    data = meta.get("data", {})
+    if not (isinstance(data, dict) and all(
+            isinstance(entry, dict) and isinstance(entry.get("classes"), list) and _is_int(entry.get("images"))
+            and isinstance(entry.get("digest"), str) for entry in data.values())):
+        return f"data is {short_repr(data)}, expected objects with classes, images and digest"
+    history = meta.get("history")
+    if history is not None:  # the epochs completed are the epochs in the history
+        completed = history.get("epochs", []) if isinstance(history, dict) else None
+        if not (isinstance(completed, list) and len(completed) == meta["epoch"]):
+            return (f"epoch is {meta['epoch']}, but its history holds "
+                    f"{len(completed) if isinstance(completed, list) else 'no'} completed epochs")
     opt = meta.get("optimizer")
     if opt is not None:
         if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
@@ -165,20 +187,10 @@ def _meta_problem(meta: dict) -> str | None:
     return None
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) -> dict:
-    """Restore ``model`` (and optimizer and scheduler) from ``path``; return the JSON metadata.
+def _read_and_check(path, expect=None, data=None, batches_per_epoch=None) -> tuple[dict, dict]:
+    """``(meta, arrays)`` of the checkpoint at ``path``; :class:`CheckpointError` when it cannot be resumed here.
 
-    The model must have exactly the checkpoint's keys and shapes; otherwise
-    nothing is loaded and :class:`CheckpointError` says what differs.  So
-    must every entry of ``expect`` that the checkpoint's ``extra`` also has
-    (``{"classes": [...], "seed": 42}``: the run being resumed must be the same).
-
-    Refused with a :class:`CheckpointError` naming the file, before anything
-    is loaded: a file :func:`tinynet.io.load_weights` refuses, metadata of the
-    wrong types or values (a hand-edited ``__meta__``: a string epoch, a
-    negative step count, a non-numeric learning rate), and values no model
-    can continue from (NaN or infinite weights or optimizer moments, a
-    negative ``running_var``: :func:`tinynet.io.check_state_values`).
+    See :func:`load_checkpoint`; nothing is loaded into a model.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -205,7 +217,53 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None) ->
             raise CheckpointError(f"checkpoint {path} belongs to another run: its {key} is {short_repr(saved[key])}, "
                                   f"this run's is {short_repr(value)}; start a new run in another folder, or without "
                                   f"resuming")
+    for part, identity in (data or {}).items():
+        if part not in meta.get("data", {}):
+            continue  # a checkpoint written before data identities were recorded: nothing to compare
+        recorded = dict(meta["data"][part], files=arrays.get(f"data/{part}/files"))
+        change = identity_changes(recorded, identity)
+        if change:
+            raise CheckpointError(f"checkpoint {path} was trained on other data: the {part} data has changed since "
+                                  f"({change}); resume with the data it was trained on, or start a new run in "
+                                  f"another folder")
+    if batches_per_epoch is not None and meta["batch"] > batches_per_epoch:
+        raise CheckpointError(f"checkpoint {path} stopped after batch {meta['batch']} of epoch {meta['epoch'] + 1}, "
+                              f"but an epoch here has {batches_per_epoch} batches (the file was edited, or the data or "
+                              f"the batch size changed); start a new run, or resume from an untouched checkpoint")
+    return meta, arrays
 
+
+def check_checkpoint(path, expect=None, data=None, batches_per_epoch=None) -> dict:
+    """The metadata of the checkpoint at ``path`` if :func:`load_checkpoint` would accept it; no model needed.
+
+    For a command line that must refuse a ``--resume`` before it writes anything.
+    """
+    return _read_and_check(path, expect, data, batches_per_epoch)[0]
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None, expect=None, data=None,
+                    batches_per_epoch=None) -> dict:
+    """Restore ``model`` (and optimizer and scheduler) from ``path``; return the JSON metadata.
+
+    The model must have exactly the checkpoint's keys and shapes; otherwise
+    nothing is loaded and :class:`CheckpointError` says what differs.  So
+    must every entry of ``expect`` that the checkpoint's ``extra`` also has
+    (``{"classes": [...], "seed": 42}``: the run being resumed must be the same),
+    and every part of ``data`` (``{part: identity}``, see
+    :func:`~tinynet.data.identity.dataset_identity`) that the checkpoint
+    recorded: the error says what changed ("12 files added, 3 changed").
+    With ``batches_per_epoch``, a checkpoint that stopped past the end of an
+    epoch of that many batches is refused.
+
+    Refused with a :class:`CheckpointError` naming the file, before anything
+    is loaded: a file :func:`tinynet.io.load_weights` refuses, metadata of the
+    wrong types or values (a hand-edited ``__meta__``: a string epoch, a
+    negative step count, a non-numeric learning rate), and values no model
+    can continue from (NaN or infinite weights or optimizer moments, a
+    negative ``running_var``: :func:`tinynet.io.check_state_values`).
+    """
+    path = pathlib.Path(path)
+    meta, arrays = _read_and_check(path, expect, data, batches_per_epoch)
     state = {key[len("model/"):]: value for key, value in arrays.items() if key.startswith("model/")}
     opt_arrays = {key: value for key, value in arrays.items() if key.startswith("optimizer/")}
     try:

@@ -28,16 +28,17 @@ synchronisation per batch on the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
-import signal
 import time
 
 import numpy as np
 
 from .. import backend
 from ..nn.module import no_grad
+from ..signals import deferred_signals
 from .checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["fit", "evaluate", "predict", "EpochStats", "History", "NonFiniteLossError", "NonFiniteParametersError",
@@ -75,7 +76,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint, epoch: int, batch: int):
         self.checkpoint, self.epoch, self.batch = checkpoint, epoch, batch
         where = f"saved to {checkpoint}" if checkpoint else "nothing saved (no checkpoint path)"
-        super().__init__(f"interrupted in epoch {epoch + 1} after {batch} batches; {where}")
+        when = f"after epoch {epoch}" if batch == 0 and epoch > 0 else f"in epoch {epoch + 1} after {batch} batches"
+        super().__init__(f"interrupted {when}; {where}")
 
 
 @dataclasses.dataclass
@@ -199,28 +201,38 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
         for batch, (x, y) in enumerate(iterator, start=start_batch):
             xd, yd = _as_device(x, device), _as_device(y, device)
             xp = backend.get_array_module(xd)
-            optimizer.zero_grad()
-            logits = model(xd)
-            loss = loss_fn(logits, yd)
-            if device == "cpu" or on_nan == "skip":
-                value = float(loss)  # free on the CPU; on the GPU a synchronisation, paid only for "skip"
-                if not math.isfinite(value):
-                    if on_nan == "stop":
-                        raise NonFiniteLossError(epoch, batch, value, checkpoint)
-                    state["skipped"] += 1  # no backward, no step: the parameters stay as they were
-                    model.release_saved()  # and the caches this forward kept are dropped
+            # A Ctrl-C inside the step leaves no trace: the forward's changes to the buffers (BatchNorm's
+            # running statistics, num_batches_tracked) are undone, and the update runs whole or not at all.
+            buffers = _buffers_before_step(model)
+            try:
+                optimizer.zero_grad()
+                logits = model(xd)
+                loss = loss_fn(logits, yd)
+                if device == "cpu" or on_nan == "skip":
+                    value = float(loss)  # free on the CPU; on the GPU a synchronisation, paid only for "skip"
+                    if not math.isfinite(value):
+                        if on_nan == "stop":
+                            raise NonFiniteLossError(epoch, batch, value, checkpoint)
+                        state["skipped"] += 1  # no backward, no step: the parameters stay as they were
+                        model.release_saved()  # and the caches this forward kept are dropped
+                        state["batch"] = batch + 1
+                        bar.update(1)
+                        continue
+                else:
+                    bad = xp.where(xp.isfinite(loss), len(loader), batch)
+                    first_bad = bad if first_bad is None else xp.minimum(first_bad, bad)
+                model.backward(loss_fn.backward())
+                with deferred_signals():  # a signal now is acted on after the update and its bookkeeping
+                    optimizer.step()
+                    state["loss_sum"] = state["loss_sum"] + loss * len(y)  # stays on the device
+                    state["correct"] = state["correct"] + (logits.argmax(axis=1) == yd).sum()
+                    state["seen"] += len(y)
                     state["batch"] = batch + 1
-                    bar.update(1)
-                    continue
-            else:
-                bad = xp.where(xp.isfinite(loss), len(loader), batch)
-                first_bad = bad if first_bad is None else xp.minimum(first_bad, bad)
-            model.backward(loss_fn.backward())
-            optimizer.step()
-            state["loss_sum"] = state["loss_sum"] + loss * len(y)  # stays on the device
-            state["correct"] = state["correct"] + (logits.argmax(axis=1) == yd).sum()
-            state["seen"] += len(y)
-            state["batch"] = batch + 1
+            except KeyboardInterrupt:
+                if state["batch"] == batch:  # stopped before the update: as if the step never began
+                    _restore_buffers(buffers)
+                    model.release_saved()
+                raise
             bar.update(1)
             if (batch + 1) % log_every == 0 or batch + 1 == len(loader):
                 if first_bad is not None and int(first_bad) < len(loader):  # one read-back per interval
@@ -237,10 +249,33 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
             iterator.close()
 
 
+def _buffers_before_step(model) -> list:
+    """``(module, name, copy)`` of every buffer of ``model``, taken before a training step's forward.
+
+    The forward of a training step changes buffers in place (BatchNorm's
+    ``running_mean``, ``running_var``, ``num_batches_tracked``); a step cut
+    short by Ctrl-C restores them with :func:`_restore_buffers`, so that
+    resuming trains that batch on exactly the statistics it saw first.  A
+    model without buffers costs nothing; ResNet18's are 60 small arrays
+    (9,620 numbers), copied once per step.
+    """
+    return [(module, name, value.copy()) for module in model.modules()
+            for name, value in module._buffers.items() if value is not None]
+
+
+def _restore_buffers(saved) -> None:
+    for module, name, value in saved:
+        current = module._buffers.get(name)
+        if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+            current[...] = value  # in place: whoever holds the array sees the restored values
+        else:
+            setattr(module, name, value)
+
+
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
         progress: bool = True, extra=None, log=print, time_budget: float | None = None,
-        on_epoch_end=None, distributed=None) -> History:
+        on_epoch_end=None, distributed=None, data_identity=None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -262,13 +297,23 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         the checkpoint written) when another epoch as long as the longest one
         so far would end past the budget, counted from this call's start.
     on_epoch_end : called as ``on_epoch_end(stats, model, history)`` after every
-        epoch's checkpoint is written (``stats`` is that epoch's
+        epoch, just before its checkpoint is written (``stats`` is that epoch's
         :class:`EpochStats`, already in ``history``): to keep the best weights,
-        log to a run tracker, ...
+        log to a run tracker, ...  What it writes is on disk before the
+        checkpoint that records the epoch, so a kill in between costs the epoch,
+        never a file the checkpoint claims.  From the end of the validation to
+        the end of the checkpoint, Ctrl-C and SIGTERM are deferred
+        (:mod:`tinynet.signals`): the epoch is recorded, then
+        :class:`TrainingInterrupted` stops the run.
     distributed : data-parallel hooks (:class:`tinynet.distributed.FitHooks`), or None:
         only rank 0 writes checkpoints (every rank resumes from them), the
         epoch's sums and validation results are reduced over the ranks, and
         the time budget is rank 0's clock.
+    data_identity : ``{part: identity}`` of the data trained on
+        (:func:`tinynet.data.identity.dataset_identity`), recorded in every
+        checkpoint; resuming on data that differs is refused, saying what
+        changed.  Whatever it is given, resuming refuses a checkpoint that
+        stopped past the end of an epoch of ``train_loader``.
     """
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
@@ -297,7 +342,8 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     if resume and checkpoint_path and not checkpoint_path.exists():
         log(f"no checkpoint at {checkpoint_path} to resume from: starting at epoch 1")
     if resume and checkpoint_path and checkpoint_path.exists():
-        meta = load_checkpoint(checkpoint_path, model, optimizer, scheduler, expect=extra)
+        meta = load_checkpoint(checkpoint_path, model, optimizer, scheduler, expect=extra, data=data_identity,
+                               batches_per_epoch=len(train_loader))
         history = History.from_dict(meta.get("history"))
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         saved_partial = meta["extra"].get("_partial_epoch") if start_batch else None
@@ -328,37 +374,46 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
                 raise TrainingInterrupted(None, epoch, state["batch"]) from None
             extra["_partial_epoch"] = {"loss_sum": float(state["loss_sum"]), "correct": int(state["correct"]),
                                        "seen": state["seen"], "skipped": state["skipped"]}
-            _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch, batch=state["batch"],
-                            history=history.to_dict(), extra=extra, last_good=last_good)
+            with contextlib.suppress(KeyboardInterrupt), deferred_signals():  # a second Ctrl-C: stopping already
+                _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch, batch=state["batch"],
+                                history=history.to_dict(), extra=extra, last_good=last_good, data=data_identity)
             raise TrainingInterrupted(checkpoint_path, epoch, state["batch"]) from None
-        extra.pop("_partial_epoch", None)
-        loss_sum, correct, seen, skipped = float(state["loss_sum"]), int(state["correct"]), state["seen"], \
-            state["skipped"]
-        if distributed is not None:  # data-parallel: every rank trained and validated on its own shard
-            (loss_sum, correct, seen, skipped, state["seen_at_start"]), val = distributed.reduce_epoch(
-                (loss_sum, correct, seen, skipped, state["seen_at_start"]), val)
-        start_batch = 0
-        stats = EpochStats(
-            epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
-            val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
-            seconds=seconds, images_per_second=(seen - state["seen_at_start"]) / max(seconds, 1e-9),
-            lr=float(optimizer.param_groups[0]["lr"]), skipped_batches=skipped,
-            val_top5=val["top5_accuracy"] if val else None)
-        history.epochs.append(stats)
-        if scheduler is not None:
-            scheduler.step()
-        val_text = f"  val loss {stats.val_loss:.4f}  val acc {stats.val_acc:.4f}" if val else ""
-        if stats.val_top5 is not None:
-            val_text += f"  top-5 {stats.val_top5:.4f}"
-        skip_text = f"  skipped {skipped} non-finite batches" if skipped else ""
-        log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
-            f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
-        if checkpoint_path is not None and (distributed is None or distributed.is_main):
-            _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
-                            history=history.to_dict(), extra=extra, last_good=last_good)
-            last_good = checkpoint_path
-        if on_epoch_end is not None:
-            on_epoch_end(stats, model, history)
+        # The epoch is recorded whole (its best weights, then its checkpoint): a Ctrl-C or SIGTERM from here on
+        # is acted on once the checkpoint is written, and then stops the run as it would have mid-epoch.
+        try:
+            with deferred_signals():
+                extra.pop("_partial_epoch", None)
+                loss_sum, correct, seen, skipped = float(state["loss_sum"]), int(state["correct"]), state["seen"], \
+                    state["skipped"]
+                if distributed is not None:  # data-parallel: every rank trained and validated on its own shard
+                    (loss_sum, correct, seen, skipped, state["seen_at_start"]), val = distributed.reduce_epoch(
+                        (loss_sum, correct, seen, skipped, state["seen_at_start"]), val)
+                start_batch = 0
+                stats = EpochStats(
+                    epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
+                    val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
+                    seconds=seconds, images_per_second=(seen - state["seen_at_start"]) / max(seconds, 1e-9),
+                    lr=float(optimizer.param_groups[0]["lr"]), skipped_batches=skipped,
+                    val_top5=val["top5_accuracy"] if val else None)
+                history.epochs.append(stats)
+                if scheduler is not None:
+                    scheduler.step()
+                val_text = f"  val loss {stats.val_loss:.4f}  val acc {stats.val_acc:.4f}" if val else ""
+                if stats.val_top5 is not None:
+                    val_text += f"  top-5 {stats.val_top5:.4f}"
+                skip_text = f"  skipped {skipped} non-finite batches" if skipped else ""
+                log(f"epoch {epoch + 1:>3}/{epochs}  train loss {stats.train_loss:.4f}  train acc {stats.train_acc:.4f}"
+                    f"{val_text}  {seconds:.1f}s  {stats.images_per_second:.0f} img/s{skip_text}")
+                if on_epoch_end is not None:  # first: the best weights are on disk before a checkpoint records them
+                    on_epoch_end(stats, model, history)
+                if checkpoint_path is not None and (distributed is None or distributed.is_main):
+                    _save_if_finite(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
+                                    history=history.to_dict(), extra=extra, last_good=last_good,
+                                    data=data_identity)
+                    last_good = checkpoint_path
+        except KeyboardInterrupt:
+            writes = distributed is None or distributed.is_main
+            raise TrainingInterrupted(checkpoint_path if writes else None, epoch + 1, 0) from None
         elapsed = time.perf_counter() - fit_started
         longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
         if distributed is not None and time_budget is not None:  # one decision for all ranks: rank 0's clock
@@ -370,7 +425,7 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
     return history
 
 
-def _save_if_finite(path, model, optimizer, scheduler, *, epoch, batch=0, history, extra, last_good):
+def _save_if_finite(path, model, optimizer, scheduler, *, epoch, batch=0, history, extra, last_good, data=None):
     """:func:`save_checkpoint`, unless the model holds a NaN or an infinity: that must not replace ``last_good``.
 
     The loss check catches most divergences; this one catches a non-finite
@@ -381,20 +436,5 @@ def _save_if_finite(path, model, optimizer, scheduler, *, epoch, batch=0, histor
         if np.issubdtype(value.dtype, np.floating) and not bool(xp.isfinite(value).all()):
             # batch 0: ``epoch`` epochs are complete, the last of them (0-based) is epoch - 1
             raise NonFiniteParametersError(epoch - 1 if batch == 0 else epoch, key, last_good)
-    with _ignoring_sigint():
-        save_checkpoint(path, model, optimizer, scheduler, epoch=epoch, batch=batch, history=history, extra=extra)
-
-
-class _ignoring_sigint:
-    """Let a checkpoint write finish even if Ctrl-C is pressed again (main thread only)."""
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:  # not in the main thread
-            self.previous = None
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
+    save_checkpoint(path, model, optimizer, scheduler, epoch=epoch, batch=batch, history=history, extra=extra,
+                    data=data)
