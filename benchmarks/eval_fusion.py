@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import tinynet  # noqa: E402
 from tinynet.models import resnet18  # noqa: E402
-from tinynet.nn import fusion  # noqa: E402
+from tinynet.nn.fast import epilogues as fusion  # noqa: E402  (the evaluation-time epilogues)
 
 VARIANTS = ("layers", "fused")
 
@@ -47,19 +47,19 @@ def main(argv=None):
         clock = time.thread_time
     rng = np.random.default_rng(0)
     model = resnet18(10).eval()
-    can_fuse = fusion.can_fuse
+    can_fuse = fusion.can_run_in_place
     for batch in args.batches:
         x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
         times = {k: [] for k in VARIANTS}
         with tinynet.no_grad():
             for r in range(args.rounds + 1):
                 for name in VARIANTS:
-                    fusion.can_fuse = can_fuse if name == "fused" else (lambda *a, **k: False)
+                    fusion.can_run_in_place = can_fuse if name == "fused" else (lambda *a, **k: False)
                     t = clock()
                     model(x)
                     if r:  # round 0 warms up
                         times[name].append(clock() - t)
-        fusion.can_fuse = can_fuse
+        fusion.can_run_in_place = can_fuse
         base = statistics.median(times["layers"])
         row = "  ".join(f"{k} {statistics.median(v) * 1e3:7.2f} ms (min {min(v) * 1e3:.1f}, {base / statistics.median(v):.2f}x)"
                         for k, v in times.items())

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from tinynet import backend, optim  # noqa: E402
 from tinynet.models import resnet18  # noqa: E402
+from tinynet.nn.fast import threads as thread_pool  # noqa: E402
 from tinynet.optim import adam  # noqa: E402
 
 
@@ -61,13 +62,13 @@ def main(argv=None):
             opts.append(cls(params, lr=1e-3, weight_decay=wd))
 
         def one_thread(opt):
-            # backend._num_threads directly: set_num_threads would shut the pool down and the threaded
+            # thread_pool._num_threads directly: set_num_threads would shut the pool down and the threaded
             # variant would pay for starting it again every round
-            saved, backend._num_threads = backend._num_threads, 1
+            saved, thread_pool._num_threads = thread_pool._num_threads, 1
             try:
                 opt.step()
             finally:
-                backend._num_threads = saved
+                thread_pool._num_threads = saved
 
         variants = {"plain": (lambda: _plain_step(opts[0]), time.perf_counter),
                     "plain, CPU time": (lambda: _plain_step(opts[0]), time.thread_time),

@@ -54,7 +54,7 @@ def chwn(rng, n, c, h, w):
 
 def cases(base: str):
     rng = np.random.default_rng(0)
-    from tinynet.nn import activation, conv, layout, norm, pool
+    from tinynet.nn.fast import activation, conv, layout, norm, pool  # the fast path's functions
     old = {name: old_module(name, base) for name in ("pool", "norm", "activation", "layout", "conv")}
 
     def pool_pair(shape, k, s, p):

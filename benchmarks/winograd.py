@@ -6,7 +6,7 @@
 
 Timing: a ``Conv2d`` (no bias) run forward + backward (dx, dW; no dx for the
 3-channel first layer, whose input needs no gradient, as in a model) under
-:func:`tinynet.nn.conv.algorithm`, float32, input and upstream gradient laid
+:func:`tinynet.nn.fast.conv.algorithm`, float32, input and upstream gradient laid
 out CHWN as the layers hand them on (the 3-channel images NCHW).  The
 algorithms alternate within every round, so that the load of the shared
 machine touches each alike; the table gives medians over the rounds in ms,
@@ -17,7 +17,7 @@ each algorithm, and of PyTorch's float32 ``conv2d`` when torch imports,
 against a float64 result: ``max |y32 - y64| / max |y64|`` for the output, dx
 and dW, with He-initialised weights and unit-normal input and gradient.
 
-These numbers set :func:`tinynet.nn.conv.choose_algorithm`'s rule.
+These numbers set :func:`tinynet.nn.fast.conv.choose_algorithm`'s rule.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from tinynet import nn  # noqa: E402
-from tinynet.nn import conv  # noqa: E402
+from tinynet.nn.fast import conv  # noqa: E402  (the fast convolution: its algorithms)
 
 # (label, C, C_out, H): the stride-1 3x3 convolutions of ResNet18 (64 px and 224 px input) and the CNN
 SHAPES = [

@@ -6,6 +6,7 @@ from tinynet.gradcheck import gradcheck
 from tinynet.nn import conv, reference
 
 from conftest import torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 # (C, C_out, kernel, stride, padding, H, W): strides 1/2, paddings 0/1/3, kernels 1/3/7,
 # non-square inputs and kernels, in != out channels.
@@ -29,13 +30,13 @@ def make(case, rng, dtype=np.float64, n=2):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_gradcheck(case, rng):
+def test_gradcheck(path, case, rng):
     layer, x = make(case, rng)
     gradcheck(layer, x, seed=1).assert_ok()
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_matches_loop_reference(case, rng):
+def test_matches_loop_reference(path, case, rng):
     layer, x = make(case, rng)
     out = layer(x)
     w, b = layer.weight.data, layer.bias.data
@@ -132,7 +133,7 @@ def test_seed_makes_weights_reproducible():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_pytorch_parity(case, rng):
+def test_pytorch_parity(path, case, rng):
     torch = torch_or_skip()
     layer, x = make(case, rng, dtype=np.float32, n=3)
     ref = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding)
@@ -232,14 +233,14 @@ def make_grouped(case, rng, dtype=np.float64):
 
 
 @pytest.mark.parametrize("case", GROUPED)
-def test_grouped_gradcheck(case, rng):
+def test_grouped_gradcheck(path, case, rng):
     layer, x = make_grouped(case, rng)
     assert layer.weight.shape[1] == case[0] // case[7]
     gradcheck(layer, x, seed=1).assert_ok()
 
 
 @pytest.mark.parametrize("case", GROUPED)
-def test_grouped_matches_loop_reference(case, rng):
+def test_grouped_matches_loop_reference(path, case, rng):
     layer, x = make_grouped(case, rng)
     g = case[7]
     out = layer(x)
@@ -254,7 +255,7 @@ def test_grouped_matches_loop_reference(case, rng):
 
 
 @pytest.mark.parametrize("case", GROUPED)
-def test_grouped_pytorch_parity_float64(case, rng):
+def test_grouped_pytorch_parity_float64(path, case, rng):
     torch = torch_or_skip()
     layer, x = make_grouped(case, rng)
     c, co, k, s, p, h, w, g = case

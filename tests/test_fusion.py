@@ -5,7 +5,10 @@ import pytest
 import tinynet
 from tinynet import nn
 from tinynet.models import resnet18
-from tinynet.nn import fusion
+from tinynet.nn.fast import epilogues as fusion  # the evaluation-time epilogues (once tinynet.nn.fusion)
+from fastpath import fast_path_on  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
 
 def _randomise_batch_norms(model, rng):
@@ -22,13 +25,13 @@ def _randomise_batch_norms(model, rng):
 
 def _unfused(model, x):
     """The eval forward with every layer by itself (fusion switched off)."""
-    original = fusion.can_fuse
-    fusion.can_fuse = lambda *a, **k: False
+    original = fusion.can_run_in_place
+    fusion.can_run_in_place = lambda *a, **k: False
     try:
         with tinynet.no_grad():
             return model(x)
     finally:
-        fusion.can_fuse = original
+        fusion.can_run_in_place = original
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from tinynet import kernels
-from tinynet.nn import conv, pool
+from tinynet.nn.fast import conv, pool  # the fast path: its NumPy functions are the twins' references
 from tinynet.nn.layout import from_chwn, to_chwn
+from fastpath import fast_path_on  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the kernel bodies")
 
@@ -130,7 +133,7 @@ def test_max_pool_kernels_match_numpy(geom, tmp_path, rng):
 
 
 def test_relu_and_batch_norm_kernels_match_numpy(tmp_path, rng):
-    from tinynet.nn import activation, norm
+    from tinynet.nn.fast import activation, norm
 
     _, mask = activation.relu_forward(rng.standard_normal(50))
     dy = rng.standard_normal(50)

@@ -6,10 +6,11 @@ from tinynet import nn
 from tinynet.gradcheck import gradcheck
 
 from conftest import torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 
 @pytest.mark.parametrize("shape", [(5, 4), (2, 3, 4)])
-def test_linear_gradcheck(shape, rng):
+def test_linear_gradcheck(path, shape, rng):
     gradcheck(nn.Linear(4, 3, dtype=np.float64), rng.standard_normal(shape)).assert_ok()
 
 
@@ -23,7 +24,7 @@ def test_linear_bad_input():
         nn.Linear(4, 3)(np.zeros((2, 5), np.float32))
 
 
-def test_linear_pytorch_parity(rng):
+def test_linear_pytorch_parity(path, rng):
     torch = torch_or_skip()
     layer = nn.Linear(6, 3)
     ref = torch.nn.Linear(6, 3)
@@ -40,7 +41,7 @@ def test_linear_pytorch_parity(rng):
     np.testing.assert_allclose(layer.weight.grad, ref.weight.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_relu_gradcheck_and_values(rng):
+def test_relu_gradcheck_and_values(path, rng):
     x = rng.standard_normal((3, 4, 5))
     x[np.abs(x) < 1e-3] = 0.5  # keep finite differences away from the kink
     gradcheck(nn.ReLU(), x).assert_ok()
@@ -50,7 +51,7 @@ def test_relu_gradcheck_and_values(rng):
     np.testing.assert_array_equal(layer.backward(np.array([[3.0, 3.0, 3.0]])), [[0, 0, 3]])
 
 
-def test_softmax_layer_gradcheck(rng):
+def test_softmax_layer_gradcheck(path, rng):
     gradcheck(nn.Softmax(dim=1), rng.standard_normal((4, 5))).assert_ok()
 
 
@@ -68,7 +69,7 @@ def test_dropout_is_inverted_and_identity_in_eval(rng):
     assert layer(x) is x
 
 
-def test_dropout_gradcheck(rng):
+def test_dropout_gradcheck(path, rng):
     gradcheck(nn.Dropout(0.5, rng=np.random.default_rng(3)), rng.standard_normal((4, 6))).assert_ok()
 
 
@@ -95,7 +96,7 @@ def test_flatten_of_channels_first_view_keeps_nchw_order(rng):
     np.testing.assert_array_equal(nn.Flatten()(y), expected)
 
 
-def test_sequential_gradcheck_small_network(rng):
+def test_sequential_gradcheck_small_network(path, rng):
     net = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, dtype=np.float64), nn.BatchNorm2d(4, dtype=np.float64), nn.ReLU(),
         nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, stride=2, padding=1, dtype=np.float64), nn.ReLU(),

@@ -9,6 +9,7 @@ from tinynet.gradcheck import gradcheck
 from tinynet.nn import functional as F
 
 from conftest import torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 LN2 = math.log(2)
 
@@ -131,7 +132,7 @@ def test_sigmoid_stable():
     np.testing.assert_allclose(s, expected, rtol=1e-12)
 
 
-def test_cross_entropy_pytorch_parity(rng):
+def test_cross_entropy_pytorch_parity(path, rng):
     torch = torch_or_skip()
     z = rng.standard_normal((6, 5)).astype(np.float32) * 4
     t = rng.integers(0, 5, 6)

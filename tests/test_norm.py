@@ -5,6 +5,7 @@ from tinynet import nn
 from tinynet.gradcheck import gradcheck
 
 from conftest import torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 
 def with_random_affine(layer, rng):
@@ -14,7 +15,7 @@ def with_random_affine(layer, rng):
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 3, 3), (7, 2, 1, 1)])
-def test_batchnorm2d_train_gradcheck(shape, rng):
+def test_batchnorm2d_train_gradcheck(path, shape, rng):
     layer = with_random_affine(nn.BatchNorm2d(shape[1], dtype=np.float64), rng)
     x = rng.standard_normal(shape) * 3 + 1
     report = gradcheck(layer, x, seed=3)
@@ -32,7 +33,7 @@ def test_batchnorm_dx_is_not_trivially_zero(rng):
     assert np.abs(layer.backward(rng.standard_normal(y.shape))).max() > 1e-2
 
 
-def test_batchnorm2d_eval_gradcheck(rng):
+def test_batchnorm2d_eval_gradcheck(path, rng):
     layer = with_random_affine(nn.BatchNorm2d(3, dtype=np.float64), rng)
     layer.running_mean = rng.standard_normal(3)
     layer.running_var = rng.uniform(0.5, 2, 3)
@@ -41,7 +42,7 @@ def test_batchnorm2d_eval_gradcheck(rng):
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (5, 3, 7)])
-def test_batchnorm1d_gradcheck(shape, rng):
+def test_batchnorm1d_gradcheck(path, shape, rng):
     layer = with_random_affine(nn.BatchNorm1d(shape[1], dtype=np.float64), rng)
     gradcheck(layer, rng.standard_normal(shape)).assert_ok()
 
@@ -91,7 +92,7 @@ def test_state_dict_keys():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_pytorch_parity(training, rng):
+def test_pytorch_parity(path, training, rng):
     torch = torch_or_skip()
     x = (rng.standard_normal((6, 4, 5, 3)) * 2 + 1).astype(np.float32)
     layer = nn.BatchNorm2d(4)
@@ -138,7 +139,7 @@ def test_affine_false_constants_are_non_persistent_buffers(rng):
 @pytest.mark.parametrize("shape, normalized", [((4, 6), 6), ((2, 3, 5), 5), ((2, 3, 4, 4), (3, 4, 4)),
                                                ((3, 2, 4), (2, 4))])
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_gradcheck(shape, normalized, affine, rng):
+def test_layer_norm_gradcheck(path, shape, normalized, affine, rng):
     layer = nn.LayerNorm(normalized, elementwise_affine=affine, dtype=np.float64)
     if affine:
         layer.weight.data = rng.uniform(0.5, 1.5, layer.weight.shape)
@@ -146,7 +147,7 @@ def test_layer_norm_gradcheck(shape, normalized, affine, rng):
     gradcheck(layer, rng.standard_normal(shape) * 2 + 1).assert_ok()
 
 
-def test_layer_norm_matches_the_loop_oracle(rng):
+def test_layer_norm_matches_the_loop_oracle(path, rng):
     from tinynet.nn import reference
 
     layer = nn.LayerNorm(5, dtype=np.float64)
@@ -170,7 +171,7 @@ def test_layer_norm_normalises_each_sample_over_its_trailing_dims(rng):
     np.testing.assert_allclose(y.reshape(4, -1).var(axis=1), 1, rtol=1e-4)
 
 
-def test_layer_norm_pytorch_parity_float64(rng):
+def test_layer_norm_pytorch_parity_float64(path, rng):
     torch = torch_or_skip()
     layer = nn.LayerNorm((3, 4), dtype=np.float64)
     layer.weight.data, layer.bias.data = rng.uniform(0.5, 1.5, (3, 4)), rng.standard_normal((3, 4))

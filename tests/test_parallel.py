@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 
 from tinynet import backend
+from fastpath import fast_path_on  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
 
 @pytest.fixture

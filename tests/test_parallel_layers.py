@@ -11,6 +11,9 @@ import pytest
 
 from tinynet import backend, nn
 from tinynet.nn import layout
+from fastpath import fast_path_on  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
 # (N, C, H, W): small (one block, one thread), a few blocks, and above PARALLEL_MIN_ELEMENTS.
 SHAPES = [(2, 3, 5, 6), (4, 5, 16, 16), (16, 7, 48, 45)]
@@ -156,7 +159,7 @@ def test_conv_im2col_col2im(threads, rng, shape, k, s, p):
 
 def test_relu_under_no_grad_computes_no_mask_and_keeps_nothing():
     import tinynet
-    from tinynet.nn.activation import relu_forward
+    from tinynet.nn.fast.activation import relu_forward
 
     x = np.random.default_rng(3).standard_normal((4, 3, 5, 5)).astype(np.float32)
     y, mask = relu_forward(x, need_mask=False)

@@ -6,6 +6,7 @@ from tinynet.gradcheck import gradcheck
 from tinynet.nn import reference
 
 from conftest import torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 # (kernel, stride, padding, H, W): overlapping (the ResNet stem's 3/2/1), non-overlapping,
 # non-square, and a window that does not tile the input exactly.
@@ -25,12 +26,12 @@ def distinct(rng, shape):
 
 
 @pytest.mark.parametrize("k,s,p,h,w", MAX_CASES)
-def test_maxpool_gradcheck(k, s, p, h, w, rng):
+def test_maxpool_gradcheck(path, k, s, p, h, w, rng):
     gradcheck(nn.MaxPool2d(k, s, p), distinct(rng, (2, 3, h, w)), eps=1e-6).assert_ok()
 
 
 @pytest.mark.parametrize("k,s,p,h,w", MAX_CASES)
-def test_maxpool_matches_loops(k, s, p, h, w, rng):
+def test_maxpool_matches_loops(path, k, s, p, h, w, rng):
     # Rounded values create ties: the loop reference and the fast path must pick the same cell.
     x = np.round(rng.standard_normal((2, 3, h, w)), 1)
     layer = nn.MaxPool2d(k, s, p)
@@ -69,7 +70,7 @@ def test_maxpool_padding_never_wins():
 
 
 @pytest.mark.parametrize("k,s,p,h,w", [(3, 2, 1, 9, 8), (2, 2, 0, 8, 6), (3, 1, 0, 5, 7)])
-def test_avgpool_gradcheck_and_loops(k, s, p, h, w, rng):
+def test_avgpool_gradcheck_and_loops(path, k, s, p, h, w, rng):
     x = rng.standard_normal((2, 3, h, w))
     layer = nn.AvgPool2d(k, s, p)
     np.testing.assert_allclose(layer(x), reference.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding))
@@ -96,7 +97,7 @@ def test_pool_bad_input():
 
 
 @pytest.mark.parametrize("k,s,p,h,w", MAX_CASES)
-def test_maxpool_pytorch_parity(k, s, p, h, w, rng):
+def test_maxpool_pytorch_parity(path, k, s, p, h, w, rng):
     torch = torch_or_skip()
     x = rng.standard_normal((3, 4, h, w)).astype(np.float32)
     layer = nn.MaxPool2d(k, s, p)
@@ -110,7 +111,7 @@ def test_maxpool_pytorch_parity(k, s, p, h, w, rng):
 
 
 @pytest.mark.parametrize("k,s,p,h,w", [(3, 2, 1, 9, 8), (2, 2, 0, 8, 6)])
-def test_avgpool_pytorch_parity(k, s, p, h, w, rng):
+def test_avgpool_pytorch_parity(path, k, s, p, h, w, rng):
     torch = torch_or_skip()
     x = rng.standard_normal((3, 4, h, w)).astype(np.float32)
     xt = torch.from_numpy(x).requires_grad_(True)

@@ -8,6 +8,7 @@ from tinynet.models import resnet18, simple_cnn
 from tinynet.nn.regularization import L2Penalty
 
 from conftest import assert_close_to_scale, torch_or_skip
+from fastpath import path  # noqa: F401  (a fixture: the test runs on the fast and the plain path)
 
 
 def block(in_planes, planes, stride):
@@ -18,7 +19,7 @@ def block(in_planes, planes, stride):
 
 
 @pytest.mark.parametrize("in_planes,planes,stride", [(3, 3, 1), (2, 4, 2)])
-def test_basic_block_gradcheck(in_planes, planes, stride, rng):
+def test_basic_block_gradcheck(path, in_planes, planes, stride, rng):
     b = block(in_planes, planes, stride)
     x = rng.standard_normal((3, in_planes, 6, 5))
     gradcheck(b, x, max_checks=80, seed=2).assert_ok()
@@ -74,7 +75,7 @@ def test_resnet18_shapes_and_features(rng):
     assert model.conv1.weight.grad is not None
 
 
-def test_resnet_small_input_end_to_end_gradcheck(rng):
+def test_resnet_small_input_end_to_end_gradcheck(path, rng):
     # The whole ResNet18 in float64 on 2 tiny images: a sample of entries per tensor.  A deep
     # ReLU/max-pool network is piecewise smooth; with h = 1e-6 some differences straddle a kink
     # (a ReLU crossing zero, a max-pool winner changing) and are wrong.  h = 1e-7 avoids that and
@@ -134,7 +135,7 @@ def test_l2_penalty_value_gradient_and_exclusions(rng):
         L2Penalty(model, float("nan"))
 
 
-def test_resnet18_pytorch_parity_train_mode(rng):
+def test_resnet18_pytorch_parity_train_mode(path, rng):
     """The whole ResNet18 forward and backward against a PyTorch model built from the same state dict."""
     torch = torch_or_skip()
     from tests_torch_models import torch_resnet18
@@ -156,7 +157,7 @@ def test_resnet18_pytorch_parity_train_mode(rng):
         assert_close_to_scale(p.grad, grads[name].grad.numpy(), 1e-3, name)
 
 
-def test_resnet18_pytorch_parity_float64(rng):
+def test_resnet18_pytorch_parity_float64(path, rng):
     """In float64 every gradient of the whole network agrees with PyTorch's autograd to ~1e-10."""
     torch = torch_or_skip()
     from tests_torch_models import torch_resnet18
@@ -173,3 +174,43 @@ def test_resnet18_pytorch_parity_float64(rng):
     grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert_close_to_scale(p.grad, grads[name].grad.numpy(), 1e-9, name)
+
+
+@pytest.mark.parametrize("case", ["conv", "resnet18"])
+def test_the_same_bits_with_and_without_gradients(case):
+    # Issue 21: same input, same weights, same bits, whatever the grad mode.  The issue's conv,
+    # 64 -> 64 3x3 padding 1 on a 64x64x16x16 float32 batch (work 2^26), and ResNet18 in eval mode at
+    # 64 px, batch 64, whose layer1 convolutions once ran Winograd under grad and im2col under no_grad.
+    rng = np.random.default_rng(21)
+    if case == "conv":
+        model, x = nn.Conv2d(64, 64, 3, padding=1, rng=rng), rng.standard_normal((64, 64, 16, 16))
+    else:
+        model, x = resnet18(num_classes=10, rng=rng).eval(), rng.standard_normal((64, 3, 64, 64))
+    x = x.astype(np.float32)
+    with_grad = np.array(model(x))
+    model.release_saved()
+    with nn.no_grad():
+        np.testing.assert_array_equal(with_grad, np.array(model(x)))
+
+
+def test_resnet18_float64_training_step_is_the_same_on_both_paths(rng):
+    # Issue 21: logits, loss and every gradient within 1e-10 (relative) on the fast and the plain path.
+    model = resnet18(num_classes=10, rng=rng).to(dtype="float64").train()
+    x, t = rng.standard_normal((4, 3, 32, 32)), rng.integers(0, 10, 4)
+    results = []
+    for on in (True, False):
+        for m in model.modules():  # both steps from the same running statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean[...], m.running_var[...] = 0, 1
+        model.zero_grad()
+        loss_fn = nn.CrossEntropyLoss()
+        with tinynet.fast_path(on):
+            logits = model(x)
+            loss = loss_fn(logits, t)
+            model.backward(loss_fn.backward())
+        results.append((np.array(logits), float(loss), {k: p.grad.copy() for k, p in model.named_parameters()}))
+    (fl, floss, fg), (pl, ploss, pg) = results
+    assert np.max(np.abs(fl - pl)) <= 1e-10 * np.max(np.abs(fl))
+    assert abs(floss - ploss) <= 1e-10 * abs(floss)
+    for k in fg:
+        assert np.max(np.abs(fg[k] - pg[k])) <= 1e-10 * np.max(np.abs(fg[k])), k

@@ -17,9 +17,6 @@ their parameters first, so the error names the layer (:func:`check_same_device`)
 """
 from __future__ import annotations
 
-import math
-import os
-import threading
 
 import numpy
 
@@ -211,134 +208,20 @@ def elementwise_kernel(in_params: str, out_params: str, body: str, name: str, pr
     return _cupy.ElementwiseKernel(in_params, out_params, body, name, preamble=preamble)
 
 
-_scratch = threading.local()
+# The fast path's host machinery lives in tinynet.nn.fast: the thread pool (parallel_for and its
+# settings) in tinynet.nn.fast.threads, the reusable buffers (scratch) in tinynet.nn.fast.workspace.
+# They stay reachable from here, where the optimizers and older code look for them (imported on
+# first use, so importing backend imports nothing else of tinynet).
+_FAST_NAMES = {"parallel_for": "threads", "num_threads": "threads", "set_num_threads": "threads",
+               "PARALLEL_MIN_ELEMENTS": "threads", "scratch": "workspace"}
 
 
-def scratch(name: str, shape, dtype, like):
-    """A reusable host buffer of ``shape`` for intermediate results that never leave a function.
+def __getattr__(name):
+    if name in _FAST_NAMES:
+        import importlib
 
-    Allocating a fresh 30-40 MB array per call costs page faults on every
-    first touch (on these machines, more than the copy that fills it); a
-    buffer kept per (name, dtype) and thread is faulted in once.
-
-    Owner and lifetime: the calling thread owns one buffer per (name, dtype),
-    for the life of the thread, grown to the largest size asked for.  The
-    contents are undefined, and the buffer is handed out again on the next
-    call with the same name, so a caller uses it only until it returns: it
-    never returns the buffer, a view of it, or keeps it in a cache.  Users:
-    ``conv2d_backward.dcol`` (summed into a new dx by col2im),
-    ``conv2d_forward.col`` (im2col, or Winograd's V, under ``no_grad``, consumed
-    by the GEMM), ``winograd.*`` (the padded tiles, half-transformed tiles and
-    the products M, dM, dV of :mod:`tinynet.nn.winograd`, each used within one
-    forward or backward) and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
-    allocations, so a fresh array is returned.
-    """
-    xp = get_array_module(like)
-    if xp is not numpy:
-        return xp.empty(shape, dtype=dtype)
-    size = math.prod(shape)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    key = (name, numpy.dtype(dtype).str)
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
-        buf = buffers[key] = numpy.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
-
-
-# ---------------------------------------------------------------------------
-# Threads for the memory-bound passes
-# ---------------------------------------------------------------------------
-_pool_lock = threading.Lock()
-_pool = None  # concurrent.futures.ThreadPoolExecutor, made at the first parallel_for that splits
-_pool_workers = 0
-_pool_pid = None  # the process that made _pool
-_num_threads = None  # None: one per CPU this process may run on
-_in_pool = threading.local()
-
-#: Below this many elements a pass is not split: handing work to a thread costs ~20-50 us.
-PARALLEL_MIN_ELEMENTS = 1 << 17
-
-
-def num_threads() -> int:
-    """Threads :func:`parallel_for` splits a pass over (default: the CPUs this process may use)."""
-    if _num_threads is not None:
-        return _num_threads
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no sched_getaffinity on macOS and Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads for the memory-bound passes (1: run them on the calling thread; None: the default).
-
-    The matrix products are not affected: their thread count is the BLAS library's own.
-    """
-    global _num_threads, _pool, _pool_workers
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"set_num_threads: expected a positive int or None, got {n!r}")
-    with _pool_lock:
-        _num_threads = n
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-            _pool, _pool_workers = None, 0
-
-
-def _get_pool(workers: int):
-    global _pool, _pool_workers, _pool_pid
-    with _pool_lock:
-        # A forked child inherits the executor but not its threads: it would queue work nobody runs.
-        if _pool is not None and _pool_pid != os.getpid():
-            _pool, _pool_workers = None, 0
-        if _pool is None or _pool_workers != workers:
-            from concurrent.futures import ThreadPoolExecutor
-
-            if _pool is not None:
-                _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinynet",
-                                       initializer=setattr, initargs=(_in_pool, "active", True))
-            _pool_workers, _pool_pid = workers, os.getpid()
-        return _pool
-
-
-def parallel_for(n: int, body, elements: int | None = None) -> None:
-    """Run ``body(start, stop)`` over consecutive pieces of ``range(n)``, one per thread, and wait.
-
-    For the memory-bound passes (copies, element-wise ufuncs, per-channel
-    reductions): NumPy releases the GIL inside them, so pieces of one pass on
-    two threads use two cores while the matrix products are BLAS's own
-    threads.  ``body`` must write only its own piece (pieces never overlap)
-    and must not call a matrix product (BLAS would run threads inside
-    threads).  ``elements`` is the size of the whole pass: below
-    :data:`PARALLEL_MIN_ELEMENTS`, or on one thread, or when called from
-    inside a piece, ``body(0, n)`` runs here.  The calling thread runs the
-    first piece itself; an exception in any piece is raised here after all
-    pieces have ended.  CuPy arrays need no host threads: pass them straight
-    to ``body(0, n)`` (callers do, by testing :func:`is_cupy_array`).
-    """
-    threads = min(num_threads(), n)
-    if threads <= 1 or (elements is not None and elements < PARALLEL_MIN_ELEMENTS) or getattr(_in_pool, "active", False):
-        body(0, n)
-        return
-    bounds = [n * k // threads for k in range(threads + 1)]
-    futures = [_get_pool(threads - 1).submit(body, bounds[k], bounds[k + 1]) for k in range(1, threads)]
-    error = None
-    _in_pool.active = True  # a parallel_for inside this piece runs whole, as it does on the workers
-    try:
-        body(bounds[0], bounds[1])
-    except BaseException as e:  # noqa: BLE001  (re-raised below, after the other pieces ended)
-        error = e
-    finally:
-        _in_pool.active = False
-    for f in futures:
-        try:
-            f.result()
-        except BaseException as e:  # noqa: BLE001
-            error = error or e
-    if error is not None:
-        raise error
+        return getattr(importlib.import_module(f"tinynet.nn.fast.{_FAST_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:

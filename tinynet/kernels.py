@@ -4,25 +4,27 @@ Every layer's code is written once against an array module and runs on CuPy
 as it is.  On the GPU, though, a chain of small element-wise operations is
 slow for two reasons: every operation is a kernel launch (a few microseconds
 of host time each), and every operation reads and writes whole arrays in
-GPU memory.  A handful of functions therefore have a *fused twin*: the same
-formula as one CUDA kernel, run once per output element.  Each twin stands in
-the layer's own module, right below the NumPy function it replaces, so a
-reader sees both side by side:
+GPU memory.  A handful of fast-path functions therefore have a *fused twin*
+(or "CUDA twin"; the word "fused" means this and nothing else in tinynet): the
+same formula as one CUDA kernel, run once per output element.  Each twin
+stands in the fast path's module for its family, just above the NumPy function
+it replaces (the ``@kernels.fused(twin)`` decorator on that function names it),
+so a reader sees both side by side:
 
-==========================  ==========================================  ==========================
+==========================  ==========================================  ================================
 kernel                      replaces                                    defined in
-==========================  ==========================================  ==========================
-``im2col``                  KH*KW strided copies and border zeroing     :mod:`tinynet.nn.conv`
-``col2im``                  KH*KW strided additions; a *gather*: each   :mod:`tinynet.nn.conv`
+==========================  ==========================================  ================================
+``im2col``                  KH*KW strided copies and border zeroing     :mod:`tinynet.nn.fast.conv`
+``col2im``                  KH*KW strided additions; a *gather*: each   :mod:`tinynet.nn.fast.conv`
                             pixel sums its own contributions, in a
                             fixed order (deterministic, no atomics)
-``max_pool_forward``        KH*KW compare/select passes                 :mod:`tinynet.nn.pool`
-``max_pool_backward``       KH*KW routing passes (a gather again)       :mod:`tinynet.nn.pool`
-``relu_backward``           compare + multiply                          :mod:`tinynet.nn.activation`
-``batch_norm_normalize``    3 passes (scale, gamma, beta)               :mod:`tinynet.nn.norm`
-``batch_norm_backward_dx``  4 passes                                    :mod:`tinynet.nn.norm`
+``max_pool_forward``        KH*KW compare/select passes                 :mod:`tinynet.nn.fast.pool`
+``max_pool_backward``       KH*KW routing passes (a gather again)       :mod:`tinynet.nn.fast.pool`
+``relu_backward``           compare + multiply                          :mod:`tinynet.nn.fast.activation`
+``batch_norm_normalize``    3 passes (scale, gamma, beta)               :mod:`tinynet.nn.fast.norm`
+``batch_norm_backward_dx``  4 passes                                    :mod:`tinynet.nn.fast.norm`
 ``adam_update``             12 passes per parameter                     :mod:`tinynet.optim.adam`
-==========================  ==========================================  ==========================
+==========================  ==========================================  ================================
 
 The mechanism is two functions:
 
@@ -37,9 +39,11 @@ The mechanism is two functions:
 Each twin computes exactly the formula of the NumPy code it replaces, NaN and
 infinities included (see that code's docstring); ``tests/test_kernels_source.py``
 compiles every body as C++ and compares it with the NumPy result on the CPU,
-and ``tests/gpu`` compares the real kernels on a GPU.  Set
-``TINYNET_FUSED_KERNELS=0`` to run the plain CuPy code instead (to compare,
-or to rule a kernel out when hunting a bug).
+and ``tests/gpu`` compares the real kernels on a GPU.  The fused kernels are
+part of the fast path: ``TINYNET_FAST=0`` (or ``tinynet.fast_path(False)``,
+see :mod:`tinynet.nn.fast`) runs the plain CuPy code instead.  For benchmarks
+and bug hunts ``TINYNET_FUSED_KERNELS=0`` turns off only the kernels, keeping
+the rest of the fast path.
 
 Layout conventions are the layers': activations are channels-first and
 batch-last, (C, H, W, N), contiguous (see :mod:`tinynet.nn.layout`).  Inside
@@ -57,6 +61,7 @@ import functools
 import os
 
 from . import backend
+from .nn import fast as _fast
 
 __all__ = ["SOURCES", "define", "fused", "enabled", "GEOMETRY_PARAMS", "geometry_args", "PIXEL_INDEX",
            "FOR_EACH_READER"]
@@ -69,8 +74,9 @@ SOURCES: dict = {}
 
 
 def enabled(x) -> bool:
-    """Whether to use a fused kernel for array ``x``: a CuPy array, and not switched off."""
-    return backend.is_cupy_array(x) and os.environ.get("TINYNET_FUSED_KERNELS", "1") != "0"
+    """Whether to use a fused kernel for array ``x``: a CuPy array, on the fast path, kernels not switched off."""
+    return (backend.is_cupy_array(x) and _fast.enabled()
+            and os.environ.get("TINYNET_FUSED_KERNELS", "1") != "0")
 
 
 def define(name: str, in_params: str, out_params: str, body: str, preamble: str = ""):

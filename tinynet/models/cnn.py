@@ -9,12 +9,13 @@ For other input sizes the linear layer's width follows: 128 * (size/16)^2.
 
 Each ReLU runs after the max pool that follows it, on 16x (then 4x) fewer
 values: the two commute, outputs and gradients alike
-(:func:`tinynet.nn.fusion.pool_before_relu`).
+(on the fast path: :func:`tinynet.nn.fast.epilogues.reorder_relu_maxpool`).
 """
 from __future__ import annotations
 
 from ..nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, Softmax
-from ..nn.fusion import pool_before_relu
+from ..nn import fast
+from ..nn.fast.epilogues import reorder_relu_maxpool
 
 __all__ = ["SimpleCNN", "simple_cnn"]
 
@@ -44,7 +45,8 @@ class SimpleCNN(Sequential):
         self.num_classes = num_classes
 
     def _run_order(self):
-        return pool_before_relu(self)  # each ReLU after the max pool that follows it: they commute
+        # On the fast path each ReLU runs after the max pool that follows it: they commute.
+        return reorder_relu_maxpool(self) if fast.enabled() else list(self)
 
 
 def simple_cnn(num_classes: int = 10, **kwargs) -> SimpleCNN:

@@ -21,10 +21,25 @@ from __future__ import annotations
 
 from ..nn import (AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU,
                   Sequential)
-from ..nn import fusion
-from ..nn.init import kaiming_init_
+from ..nn import fast
+from ..nn.fast import epilogues
+from ..nn.init import kaiming_normal_fan_out
 
-__all__ = ["ResNet", "resnet18", "make_head"]
+__all__ = ["ResNet", "resnet18", "make_head", "kaiming_init_"]
+
+
+def kaiming_init_(module, rng=None):
+    """torchvision's ResNet initialisation, in place: He-normal (fan-out) convs, BatchNorm gamma 1 and beta 0.
+
+    Returns ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            m.weight.data = kaiming_normal_fan_out(m.weight.shape, rng, m.weight.dtype)
+        elif isinstance(m, BatchNorm2d) and m.affine:
+            m.weight.data[...] = 1
+            m.bias.data[...] = 0
+    return module
 
 
 def make_head(num_classes: int, head: str = "mlp", in_features: int = 512, hidden: int = 512, rng=None) -> Module:
@@ -67,18 +82,19 @@ class ResNet(Module):
     def _stages(self):
         """The layers in the order they run (the backward runs them reversed).
 
-        The stem's ReLU runs after the max pool, on 4x fewer values: the two commute, outputs and
-        gradients alike (:func:`tinynet.nn.fusion.pool_before_relu`).
+        On the fast path the stem's ReLU runs after the max pool, on 4x fewer values: the two
+        commute, outputs and gradients alike (:func:`tinynet.nn.fast.epilogues.reorder_relu_maxpool`).
         """
-        return fusion.pool_before_relu([self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2,
-                                        self.layer3, self.layer4, self.avgpool, self.flatten, self.fc])
+        layers = [self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3, self.layer4,
+                  self.avgpool, self.flatten, self.fc]
+        return epilogues.reorder_relu_maxpool(layers) if fast.enabled() else layers
 
     def features(self, x):
         """The pooled features (N, 512), i.e. the input of ``fc``."""
         stages = self._stages()[:-1]
-        if fusion.can_fuse(self, self.conv1, self.bn1):
-            # evaluation without gradients: bn1 in place on conv1's output (tinynet.nn.fusion)
-            x = fusion.conv_bn_eval(self.conv1, self.bn1, x)
+        if epilogues.can_run_in_place(self, self.conv1, self.bn1):
+            # evaluation without gradients: bn1 in place on conv1's output (tinynet.nn.fast.epilogues)
+            x = epilogues.conv_bn_eval(self.conv1, self.bn1, x)
             stages = stages[2:]
         for layer in stages:
             x = layer(x)

@@ -20,19 +20,16 @@ pass over fresh memory.  That is safe exactly when nothing else still needs
 another branch also reads.  Over the output of a layer that keeps its output
 for its backward (Softmax) it is an error, not a silent corruption.
 
-Speed (CPU): the forward and backward passes over a large activation are
-split into one piece per core (:func:`tinynet.nn.layout.for_flat_pieces`,
-element-wise, so the same bits on any number of threads); arrays under 1M
-elements run whole.  Measured on 64@32x32, batch 64 (benchmarks/passes.py,
-rounds in which no other process used a core): forward 2.3 -> 1.45 ms,
-backward 1.8 -> 1.25 ms; with the machine's memory shared with other jobs,
-no gain (1.8 vs 1.9 ms).
+:func:`relu_forward` and :func:`relu_backward` below are the plain path; the
+threaded passes and CUDA twin of the fast path are
+:mod:`tinynet.nn.fast.activation`.
 """
 from __future__ import annotations
 
-from .. import backend, kernels
+from .. import backend
+from . import fast
+from .fast import activation as _fast
 from .functional import softmax
-from .layout import for_flat_pieces
 from .module import Module, check_overwritable, is_grad_enabled, keep_output, release_output
 from .validation import check_float, check_grad
 
@@ -40,49 +37,15 @@ __all__ = ["relu_forward", "relu_backward", "ReLU", "Softmax"]
 
 
 def relu_forward(x, inplace: bool = False, need_mask: bool = True):
-    """``y = max(x, 0)`` (written over ``x`` when ``inplace``); the cache is the mask ``[y > 0]`` (bool).
-
-    Both arrays keep ``x``'s memory layout (``empty_like``): CuPy's ufuncs would
-    return C-contiguous arrays and turn a CHWN activation into NCHW.  With
-    ``need_mask=False`` (no backward will run: ``no_grad``) the mask is not
-    computed and None is returned in its place.
-    """
+    """``y = max(x, 0)`` (written over ``x`` when ``inplace``) and the cache, the mask ``[y > 0]`` (None without ``need_mask``)."""
     xp = backend.get_array_module(x)
-    y = x if inplace else xp.empty_like(x)
-    if not need_mask:
-        for_flat_pieces(lambda x, y: xp.maximum(x, 0, out=y), x, y)
-        return y, None
-    mask = xp.empty_like(y, dtype=bool)
-
-    def rectify(x, y, mask):
-        xp.maximum(x, 0, out=y)
-        xp.greater(y, 0, out=mask)
-
-    for_flat_pieces(rectify, x, y, mask)
-    return y, mask
+    y = xp.maximum(x, 0, out=x if inplace else None)
+    return y, (y > 0 if need_mask else None)
 
 
-_RELU_BACKWARD = kernels.define("relu_backward", "T dy, bool mask", "T dx", "dx = dy * (T)mask;")
-
-
-def _relu_backward_fused(dy, mask):
-    """The GPU twin of :func:`relu_backward`, written into an array laid out like ``dy``."""
-    xp = backend.get_array_module(dy)
-    return _RELU_BACKWARD(dy, mask, xp.empty_like(dy))
-
-
-@kernels.fused(_relu_backward_fused)
 def relu_backward(dy, mask):
-    """``dx = dy * mask`` with ``mask = [y > 0]``, a new array (``dy`` is left untouched).
-
-    A product and not ``where(mask, dy, 0)``: several times faster in NumPy
-    (the mask converts exactly to 0.0 and 1.0), and a NaN gradient stays NaN
-    where it is masked, so the NaN guard still sees a divergence.
-    """
-    xp = backend.get_array_module(dy)
-    dx = xp.empty_like(dy)
-    for_flat_pieces(lambda dy, mask, dx: xp.multiply(dy, mask, out=dx), dy, mask, dx)
-    return dx
+    """``dx = dy * [y > 0]``, a new array: a product, so a NaN gradient stays NaN where it is masked."""
+    return dy * mask
 
 
 class ReLU(Module):
@@ -99,14 +62,19 @@ class ReLU(Module):
         check_float(self, x)
         if self.inplace:
             check_overwritable(self, x)
-        y, mask = relu_forward(x, self.inplace, need_mask=is_grad_enabled())
-        self._save_for_backward(mask, y.dtype)
+        if fast.enabled():  # the one dispatch point: tinynet.nn.fast.activation
+            y, mask = _fast.relu_forward(x, self.inplace, need_mask=is_grad_enabled())
+            backward = _fast.relu_backward
+        else:
+            y, mask = relu_forward(x, self.inplace, need_mask=is_grad_enabled())
+            backward = relu_backward
+        self._save_for_backward(backward, mask, y.dtype)  # the backward of the path that ran
         return y
 
     def backward(self, dout):
-        mask, dtype = self._saved_for_backward()
+        backward, mask, dtype = self._saved_for_backward()
         check_grad(self, dout, mask.shape, dtype)
-        return relu_backward(dout, mask)
+        return backward(dout, mask)
 
 
 class Softmax(Module):

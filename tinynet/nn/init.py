@@ -9,7 +9,9 @@ and the uniform bound ``sqrt(3) * std``, which simplifies to
 
 where ``fan_in = C_in * KH * KW`` (``in_features`` for Linear).  torchvision's
 ResNet replaces the conv weights with ``kaiming_normal_(mode="fan_out",
-nonlinearity="relu")``: ``W ~ N(0, 2 / fan_out)``, ``fan_out = C_out*KH*KW``.
+nonlinearity="relu")``: ``W ~ N(0, 2 / fan_out)``, ``fan_out = C_out*KH*KW``
+(:func:`kaiming_normal_fan_out`; applied to a whole model by
+:func:`tinynet.models.resnet.kaiming_init_`).
 
 All draws happen on the host with a :class:`numpy.random.Generator`, in float64,
 then cast, so a given seed gives the same weights on every device and dtype.
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..random import get_rng
 
-__all__ = ["fan_in_and_fan_out", "uniform_fan_in", "kaiming_normal_fan_out", "kaiming_init_"]
+__all__ = ["fan_in_and_fan_out", "uniform_fan_in", "kaiming_normal_fan_out"]
 
 
 def fan_in_and_fan_out(shape) -> tuple:
@@ -41,20 +43,3 @@ def kaiming_normal_fan_out(shape, rng=None, dtype=np.float32):
     """``N(0, 2 / fan_out)``: He initialisation for a conv followed by ReLU (torchvision ResNet)."""
     _, fan_out = fan_in_and_fan_out(shape)
     return (get_rng(rng).standard_normal(size=shape) * math.sqrt(2.0 / fan_out)).astype(dtype)
-
-
-def kaiming_init_(module, rng=None):
-    """torchvision's ResNet initialisation, in place: He-normal (fan-out) convs, BatchNorm gamma 1 and beta 0.
-
-    Returns ``module``.
-    """
-    from .conv import Conv2d  # the layers import this module for their default initialisation
-    from .norm import BatchNorm2d
-
-    for m in module.modules():
-        if isinstance(m, Conv2d):
-            m.weight.data = kaiming_normal_fan_out(m.weight.shape, rng, m.weight.dtype)
-        elif isinstance(m, BatchNorm2d) and m.affine:
-            m.weight.data[...] = 1
-            m.bias.data[...] = 0
-    return module

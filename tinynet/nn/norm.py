@@ -3,8 +3,7 @@
 Every channel ``c`` is normalised with statistics over all of its ``M``
 values: M = N for BatchNorm1d on (N, C), N*L on (N, C, L), and N*H*W for
 BatchNorm2d on (N, C, H, W) (per-channel statistics over N, H and W, never per
-pixel).  The kernels below work on the ``(C, M)`` channel matrix of the input
-(:func:`tinynet.nn.layout.channel_matrix`), one row per channel.
+pixel).
 
 Training forward, per channel::
 
@@ -31,21 +30,9 @@ Every sample's output depends on every other sample of the channel through
 mu and var; the last two terms are those paths.  In evaluation mode the
 statistics are constants and ``dx = dy * gamma / sqrt(running_var + eps)``.
 
-Speed (CPU).  Channels are independent, so the training forward and backward
-run on blocks of a few rows of the channel matrix (about 1 MB per array),
-shared between the two cores (:func:`tinynet.nn.layout.for_channel_blocks`),
-writing into arrays allocated once.  The two dot products per row (``var``
-and ``dgamma``) are NumPy's ``vecdot`` instead of ``einsum``: 5x faster, 4x
-closer to the float64 sum (sums of 65536 float32 products; a rounding change
-against the old code of about 1e-5 relative), and the same for a row whatever
-block it is in, so the results are the same, bit for bit, on any number of
-threads.  Measured (benchmarks/passes.py, old and new alternating in one
-process, medians of 15 rounds, 64 channels of 64x32x32, while other jobs kept
-the machine loaded): forward 8.9 -> 5.6 ms and backward 9.7 -> 6.2 ms on two
-threads (9.1 -> 7.7 and 10.0 -> 7.3 on one); 128@8x8 (2 MB) unchanged
-(0.65 ms).  Blocks of 256 KB (for the L2 cache) were slower: 8 more calls
-per block cost more than the cache saved, the 32 MB L3 holding these arrays
-anyway.
+The functions below are the plain path, on (N, C), (N, C, L) or (N, C, H, W)
+arrays as they are; the blocked, threaded passes and CUDA kernels of the fast
+path are :mod:`tinynet.nn.fast.norm`, tested against these.
 """
 from __future__ import annotations
 
@@ -53,193 +40,104 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, kernels
+from .. import backend
+from . import fast
+from .fast import norm as _fast
+from .fast.layout import channel_matrix, from_channel_matrix
 from .geometry import positive_int
-from .layout import channel_matrix, for_channel_blocks, from_channel_matrix
 from .module import Module, Parameter
 from .validation import check_grad, check_input
 
 __all__ = [
-    "BatchNormTrainCache", "BatchNormEvalCache",
-    "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward_train",
-    "batch_norm_backward_eval", "BatchNorm1d", "BatchNorm2d",
+    "BatchNormCache", "BatchNormEvalCache", "batch_norm_forward", "batch_norm_backward",
+    "batch_norm_eval_scale_shift", "batch_norm_eval_forward", "batch_norm_eval_backward",
+    "BatchNorm1d", "BatchNorm2d",
     "LayerNormCache", "layer_norm_forward", "layer_norm_backward", "LayerNorm",
 ]
 
 
-class BatchNormTrainCache(NamedTuple):
-    """What :func:`batch_norm_backward_train` needs from :func:`batch_norm_forward_train`."""
+# ---------------------------------------------------------------------------
+# The plain path: batch norm on the array as it is
+# ---------------------------------------------------------------------------
+class BatchNormCache(NamedTuple):
+    """What :func:`batch_norm_backward` needs from :func:`batch_norm_forward`."""
 
-    xhat: object     #: (C, M) normalised input
-    gamma: object    #: (C,)
-    inv_std: object  #: (C,) 1 / sqrt(var + eps)
+    xhat: object     #: like x, the normalised input
+    gamma: object    #: (1, C, 1, ...) broadcastable against x
+    inv_std: object  #: (1, C, 1, ...) 1 / sqrt(var + eps)
+
+
+def batch_norm_forward(x, gamma, beta, eps):
+    """Training forward: ``(y, mean, var, cache)`` with the batch's (C,) ``mean`` and biased ``var``."""
+    axes = _stat_axes(x)
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    inv_std = 1.0 / backend.get_array_module(x).sqrt(var + eps)
+    xhat = (x - mu) * inv_std
+    y = _per_channel(gamma, x) * xhat + _per_channel(beta, x)
+    return y, mu.reshape(-1), var.reshape(-1), BatchNormCache(xhat, _per_channel(gamma, x), inv_std)
+
+
+def batch_norm_backward(dy, cache):
+    """``(dx, dgamma, dbeta)``: ``dx = gamma / (M sqrt(var + eps)) * (M dy - dbeta - xhat * dgamma)``."""
+    xhat, gamma, inv_std = cache
+    axes = _stat_axes(dy)
+    m = dy.size // dy.shape[1]
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dgamma = (dy * xhat).sum(axis=axes, keepdims=True)
+    dx = gamma * inv_std / m * (m * dy - dbeta - xhat * dgamma)
+    return dx, dgamma.reshape(-1), dbeta.reshape(-1)
+
+
+def _stat_axes(x):
+    """Every axis but the channels' (axis 1): (0,) for (N, C), (0, 2) for (N, C, L), (0, 2, 3) for (N, C, H, W)."""
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _per_channel(v, x):
+    """A (C,) vector shaped (1, C, 1, ...) to broadcast against ``x``."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def batch_norm_eval_scale_shift(gamma, beta, running_mean, running_var, eps, dtype):
+    """Evaluation's constants ``(inv_std, scale, shift)``, each (C,): ``y = scale * x + shift``.
+
+    ``inv_std = 1 / sqrt(running_var + eps)``, ``scale = gamma * inv_std`` and
+    ``shift = beta - running_mean * gamma * inv_std``; the one place this formula is written
+    (the fast path and its in-place epilogue use it too).
+    """
+    inv_std = 1.0 / backend.get_array_module(running_var).sqrt(running_var + eps)
+    scale = (gamma * inv_std).astype(dtype, copy=False)
+    shift = (beta - running_mean * gamma * inv_std).astype(dtype, copy=False)
+    return inv_std, scale, shift
 
 
 class BatchNormEvalCache(NamedTuple):
-    """What :func:`batch_norm_backward_eval` needs from :func:`batch_norm_forward_eval`."""
+    """What :func:`batch_norm_eval_backward` needs from :func:`batch_norm_eval_forward`."""
 
-    x2: object            #: (C, M) input
-    running_mean: object  #: (C,)
-    inv_std: object       #: (C,) 1 / sqrt(running_var + eps)
-    scale: object         #: (C,) gamma * inv_std, in the input's dtype
+    xhat: object   #: like x, ``(x - running_mean) * inv_std``
+    scale: object  #: (C,) gamma * inv_std
 
 
-_BATCH_NORM_NORMALIZE = kernels.define(
-    "batch_norm_normalize", "T x, raw T mean, raw T inv_std, raw T gamma, raw T beta, int64 m", "T xhat, T y",
-    """
-        const ptrdiff_t c = i / m;                      // row of the (C, M) channel matrix
-        xhat = (x - mean[c]) * inv_std[c];
-        y = xhat * gamma[c] + beta[c];
-    """)
+def batch_norm_eval_forward(x, gamma, beta, running_mean, running_var, eps):
+    """``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; returns ``(y, cache)``."""
+    inv_std, scale, shift = batch_norm_eval_scale_shift(gamma, beta, running_mean, running_var, eps, x.dtype)
+    y = x * _per_channel(scale, x) + _per_channel(shift, x)
+    xhat = (x - _per_channel(running_mean, x)) * _per_channel(inv_std, x)
+    return y, BatchNormEvalCache(xhat, scale)
 
 
-def _normalize_fused(x2, centred, mean, inv_std, gamma, beta, y2):
-    """The GPU twin of :func:`_normalize`: both outputs in one pass (xhat written over ``centred``)."""
-    _BATCH_NORM_NORMALIZE(x2, mean, inv_std, gamma.astype(x2.dtype, copy=False), beta.astype(x2.dtype, copy=False),
-                          x2.shape[1], centred, y2)
-    return centred, y2
+def batch_norm_eval_backward(dy, cache):
+    """``(dx, dgamma, dbeta)``: the statistics are constants, so ``dx = dy * gamma / sqrt(running_var + eps)``."""
+    xhat, scale = cache
+    axes = _stat_axes(dy)
+    dgamma = (dy * xhat).sum(axis=axes).astype(dy.dtype, copy=False)
+    return dy * _per_channel(scale, dy), dgamma, dy.sum(axis=axes)
 
 
-@kernels.fused(_normalize_fused)
-def _normalize(x2, centred, mean, inv_std, gamma, beta, y2):
-    """``(xhat, y2)`` with ``xhat = centred * inv_std`` (in place) and ``y2 = gamma xhat + beta`` (written into ``y2``).
-
-    ``centred`` is ``x2 - mean``, which the variance needed already.
-    """
-    xp = backend.get_array_module(x2)
-    xhat = centred
-    xhat *= inv_std[:, None]
-    xp.multiply(xhat, gamma[:, None], out=y2)
-    y2 += beta[:, None]
-    return xhat, y2
-
-
-#: Elements per block of rows: 1 MB of float32 per array.  Smaller blocks (256 KB, for the L2 cache)
-#: cost more in calls than they saved: the 32 MB L3 cache holds these arrays anyway.
-_BLOCK_ELEMENTS = 1 << 18
-
-
-def _row_dots(a, b):
-    """``sum_m a[c, m] * b[c, m]`` for every row ``c`` of two (C, M) matrices.
-
-    NumPy's ``vecdot`` computes each row on its own (a generalised ufunc, one
-    dot product per row: 5x faster than ``einsum``'s loop here, and 4x closer
-    to the float64 sum), so a channel's result does not depend on the block it
-    falls in; ``einsum`` takes another path, with other rounding, for a block
-    of one row.  NumPy older than 2.0 has no ``vecdot``: one ``dot`` per row.
-    """
-    xp = backend.get_array_module(a)
-    if xp is not np:
-        return xp.einsum("cm,cm->c", a, b)
-    if hasattr(np, "vecdot"):
-        return np.vecdot(a, b)
-    return np.array([np.dot(u, v) for u, v in zip(a, b)], dtype=np.result_type(a, b))
-
-
-def _forward_train_rows(x2, gamma, beta, eps, mean, var, inv_std, xhat, y2):
-    """The training forward of the rows (channels) ``x2``, written into the other arguments' rows."""
-    xp = backend.get_array_module(x2)
-    m = x2.shape[1]
-    mean[...] = x2.mean(axis=1)
-    centred = xp.subtract(x2, mean[:, None], out=xhat)  # becomes xhat in place
-    var[...] = _row_dots(centred, centred) / m
-    inv_std[...] = 1.0 / xp.sqrt(var + eps)
-    _normalize(x2, centred, mean, inv_std, gamma, beta, y2)
-
-
-def batch_norm_forward_train(x2, gamma, beta, eps):
-    """Normalise each row of ``x2`` (C, M) with its own mean and variance.
-
-    Returns ``(y2, mean, var, cache)``: ``var`` is the biased batch variance,
-    ``cache`` a :class:`BatchNormTrainCache`.  The rows are independent: they
-    are computed in blocks of a few channels, shared between the threads
-    (:func:`tinynet.nn.layout.for_channel_blocks`; see the module docstring).
-    """
-    xp = backend.get_array_module(x2)
-    c, m = x2.shape
-    mean, var, inv_std = (xp.empty(c, dtype=x2.dtype) for _ in range(3))
-    xhat, y2 = xp.empty_like(x2), xp.empty_like(x2)
-    for_channel_blocks(c, m, lambda a, b: _forward_train_rows(x2[a:b], gamma[a:b], beta[a:b], eps, mean[a:b],
-                                                              var[a:b], inv_std[a:b], xhat[a:b], y2[a:b]), like=x2,
-                       block_elements=_BLOCK_ELEMENTS)
-    return y2, mean, var, BatchNormTrainCache(xhat, gamma, inv_std)
-
-
-_BATCH_NORM_BACKWARD_DX = kernels.define(
-    "batch_norm_backward_dx", "T dy, T xhat, raw T k, raw T dbeta_m, raw T dgamma_m, int64 m", "T dx",
-    """
-        const ptrdiff_t c = i / m;
-        dx = k[c] * (dy - dbeta_m[c] - xhat * dgamma_m[c]);
-    """)
-
-
-def _input_grad_fused(dy2, xhat, k, dbeta, dgamma, dx2):
-    """The GPU twin of :func:`_input_grad`, in one pass."""
-    m = dy2.shape[1]
-    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / m, dgamma / m, m, dx2)
-
-
-@kernels.fused(_input_grad_fused)
-def _input_grad(dy2, xhat, k, dbeta, dgamma, dx2):
-    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``, into ``dx2``."""
-    xp = backend.get_array_module(dy2)
-    m = dy2.shape[1]
-    xp.multiply(xhat, (-k * dgamma / m)[:, None], out=dx2)
-    dx2 += (-k * dbeta / m)[:, None]
-    dx2 += dy2 * k[:, None]
-    return dx2
-
-
-def _backward_train_rows(dy2, xhat, k, dgamma, dbeta, dx2):
-    """The training backward of the rows (channels) ``dy2``, written into the other arguments' rows."""
-    xp = backend.get_array_module(dy2)
-    dbeta[...] = dy2.sum(axis=1)
-    dgamma[...] = _row_dots(dy2, xhat)
-    _input_grad(dy2, xhat, k, dbeta, dgamma, dx2)
-
-
-def batch_norm_backward_train(dy2, cache):
-    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_train`; ``dy2`` (C, M) is not modified.
-
-    In blocks of channels shared between the threads, as the forward.
-    """
-    xp = backend.get_array_module(dy2)
-    xhat, gamma, inv_std = cache
-    c, m = dy2.shape
-    k = gamma * inv_std
-    dbeta, dgamma = xp.empty(c, dtype=dy2.dtype), xp.empty(c, dtype=dy2.dtype)
-    dx2 = xp.empty_like(dy2)
-    for_channel_blocks(c, m, lambda a, b: _backward_train_rows(dy2[a:b], xhat[a:b], k[a:b], dgamma[a:b],
-                                                               dbeta[a:b], dx2[a:b]), like=dy2,
-                       block_elements=_BLOCK_ELEMENTS)
-    return dx2, dgamma, dbeta
-
-
-def batch_norm_forward_eval(x2, gamma, beta, running_mean, running_var, eps):
-    """``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, as one scale and shift.
-
-    Returns ``(y2, cache)`` with ``cache`` a :class:`BatchNormEvalCache`.
-    """
-    xp = backend.get_array_module(x2)
-    inv_std = 1.0 / xp.sqrt(running_var + eps)
-    scale = (gamma * inv_std).astype(x2.dtype, copy=False)
-    shift = (beta - running_mean * gamma * inv_std).astype(x2.dtype, copy=False)
-    y2 = x2 * scale[:, None]
-    y2 += shift[:, None]
-    return y2, BatchNormEvalCache(x2, running_mean, inv_std, scale)
-
-
-def batch_norm_backward_eval(dy2, cache):
-    """``(dx2, dgamma, dbeta)`` for :func:`batch_norm_forward_eval`; ``dy2`` (C, M) is not modified."""
-    x2, running_mean, inv_std, scale = cache
-    xp = backend.get_array_module(dy2)
-    dbeta = dy2.sum(axis=1)
-    # dgamma = sum dy * xhat with xhat = (x - running_mean) * inv_std
-    dgamma = (xp.einsum("cm,cm->c", dy2, x2) - running_mean * dbeta) * inv_std
-    dx2 = dy2 * scale[:, None]
-    return dx2, dgamma.astype(dy2.dtype, copy=False), dbeta
-
-
+# ---------------------------------------------------------------------------
+# The layers
+# ---------------------------------------------------------------------------
 class _BatchNorm(Module):
     _ranks: tuple = ()
     _expected = ""
@@ -292,37 +190,50 @@ class _BatchNorm(Module):
 
     def forward(self, x):
         check_input(self, x, self._expected.format(c=self.num_features), self._ranks, self.num_features)
-        x2 = channel_matrix(x)  # (C, M)
         gamma, beta = self._affine_params(x)
+        path = "fast" if fast.enabled() else "plain"  # the one dispatch point: tinynet.nn.fast.norm
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
-            m = x2.shape[1]
+            m = x.size // x.shape[1]
             if self.training and m <= 1:
                 raise ValueError(
                     f"{self._describe()}: training needs more than one value per channel to compute a "
                     f"variance, got input of shape {tuple(x.shape)}"
                 )
-            y2, mean, var, cache = batch_norm_forward_train(x2, gamma, beta, self.eps)
+            if path == "fast":
+                y2, mean, var, cache = _fast.batch_norm_forward_train(channel_matrix(x), gamma, beta, self.eps)
+                y = from_channel_matrix(y2, x.shape)
+            else:
+                y, mean, var, cache = batch_norm_forward(x, gamma, beta, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, m)
-            self._save_for_backward("train", cache, x.shape, x.dtype)
+            self._save_for_backward("train", path, cache, x.shape, x.dtype)
         else:
-            y2, cache = batch_norm_forward_eval(x2, gamma, beta, self.running_mean, self.running_var, self.eps)
-            self._save_for_backward("eval", cache, x.shape, x.dtype)
-        return from_channel_matrix(y2, x.shape)
+            if path == "fast":
+                inv_std, scale, shift = batch_norm_eval_scale_shift(gamma, beta, self.running_mean,
+                                                                    self.running_var, self.eps, x.dtype)
+                y2, cache = _fast.batch_norm_forward_eval(channel_matrix(x), inv_std, scale, shift,
+                                                          self.running_mean)
+                y = from_channel_matrix(y2, x.shape)
+            else:
+                y, cache = batch_norm_eval_forward(x, gamma, beta, self.running_mean, self.running_var, self.eps)
+            self._save_for_backward("eval", path, cache, x.shape, x.dtype)
+        return y
 
     def backward(self, dout):
-        mode, cache, shape, dtype = self._saved_for_backward()
+        mode, path, cache, shape, dtype = self._saved_for_backward()
         check_grad(self, dout, shape, dtype)
-        dy2 = channel_matrix(dout)
-        if mode == "train":
-            dx2, dgamma, dbeta = batch_norm_backward_train(dy2, cache)
+        if path == "plain":
+            backward = batch_norm_backward if mode == "train" else batch_norm_eval_backward
+            dx, dgamma, dbeta = backward(dout, cache)
         else:
-            dx2, dgamma, dbeta = batch_norm_backward_eval(dy2, cache)
+            backward = _fast.batch_norm_backward_train if mode == "train" else _fast.batch_norm_backward_eval
+            dx2, dgamma, dbeta = backward(channel_matrix(dout), cache)
+            dx = from_channel_matrix(dx2, dout.shape)
         if self.affine:
             self.weight.accumulate_grad(dgamma)
             self.bias.accumulate_grad(dbeta)
-        return from_channel_matrix(dx2, dout.shape)
+        return dx
 
 
 class BatchNorm1d(_BatchNorm):

@@ -1,0 +1,393 @@
+"""The fast convolution: im2col/col2im on the CHWN layout, and the choice between im2col and Winograd.
+
+The math is the plain :mod:`tinynet.nn.conv`'s (read it first; the notation is its own).  What
+this module adds, and why:
+
+* **Layout.**  ``col`` is laid out ``(C, KH, KW, OH, OW, N)``: rows in the order of the
+  weight's ``(C, KH, KW)`` axes (so ``W2d`` is a plain reshape of PyTorch's weight) and columns
+  in (OH, OW, N) order, which makes the GEMM result a ``(C_out, OH, OW, N)`` buffer, returned as
+  an NCHW view (:mod:`tinynet.nn.fast.layout` says why that is cheaper than copying).
+* **No padded copy.**  im2col and col2im loop over the KH*KW kernel offsets and copy one strided
+  slice of the whole batch each time; for kernel offset (i, j) only the output positions whose
+  input pixel lies inside the image are copied (:func:`~tinynet.nn.geometry.kernel_offsets`), and
+  the rest of ``col`` is set to zero, which is what zero padding means.
+* **1x1 aliasing.**  A 1x1 stride-1 unpadded convolution reads every pixel once: ``col`` is
+  ``x`` itself (a view) and col2im the identity.
+* **Threads.**  im2col and col2im split the channels over the host threads
+  (:mod:`tinynet.nn.fast.threads`).
+* **CUDA twins.**  On CuPy, im2col and col2im run as one kernel each (:mod:`tinynet.kernels`);
+  col2im as a gather, each pixel summing its own contributions (deterministic, no atomics).
+* **Buffers.**  ``col`` (or Winograd's V) is written into a buffer the layer owns, and ``dcol``
+  into this thread's scratch buffer (:mod:`tinynet.nn.fast.workspace`).
+* **Algorithms.**  Stride-1 3x3 ungrouped convolutions may run as Winograd F(2x2, 3x3)
+  (:mod:`tinynet.nn.fast.winograd`): 4 instead of 9 multiplications per output, and a 4x copy of
+  the input kept for the backward instead of col's 9x.  :func:`choose_algorithm` picks one per
+  layer shape, *never* by the grad mode (a layer gives the same bits with and without
+  gradients); :func:`algorithm` forces a choice, for benchmarks and tests::
+
+      with tinynet.nn.fast.conv.algorithm("im2col"):      # or "winograd_f2", "winograd_f4"
+          out = model(x)
+
+  The cache names the algorithm that made it: :class:`Im2colCache` or
+  :class:`~tinynet.nn.fast.winograd.WinogradCache`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import NamedTuple
+
+from ... import backend, kernels
+from ..geometry import conv_output_size, kernel_offsets
+from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
+from .threads import parallel_for
+from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
+from .workspace import LayerBuffers, scratch
+
+__all__ = ["Im2colCache", "ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "layer_forward",
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK"]
+
+
+class Im2colCache(NamedTuple):
+    """What :func:`conv2d_backward` needs from :func:`conv2d_forward` when im2col + GEMM ran."""
+
+    col: object          #: (K, M) receptive fields; x itself (a view) for a 1x1 stride-1 unpadded conv
+    x_shape: tuple       #: (N, C, H, W)
+    weight: object       #: (C_out, C, KH, KW), the weight the forward used
+    stride: tuple        #: (SH, SW)
+    padding: tuple       #: (PH, PW)
+    has_bias: bool
+    groups: int = 1      #: G: output block g sees input block g
+
+
+ConvCache = Im2colCache  # its older name
+
+
+def _is_pointwise(kernel, stride, padding) -> bool:
+    """A 1x1 stride-1 unpadded convolution reads every pixel once: col is x and col2im the identity."""
+    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _zero_outside(a, rows: slice, cols: slice) -> None:
+    """Zero the border of ``a`` (C, OH, OW, N) outside ``rows x cols``: the positions that read padding."""
+    a[:, :rows.start] = 0
+    a[:, rows.stop:] = 0
+    a[:, rows, :cols.start] = 0
+    a[:, rows, cols.stop:] = 0
+
+
+_IM2COL = kernels.define(
+    "im2col", f"raw T x, {kernels.GEOMETRY_PARAMS}", "T col",
+    """
+        // Output element i is (c, ki, kj, oy, ox, b) of col (C, KH, KW, OH, OW, N).
+        ptrdiff_t t = i;
+        const int b = t % N; t /= N;
+        const int ox = t % OW; t /= OW;
+        const int oy = t % OH; t /= OH;
+        const int kj = t % KW; t /= KW;
+        const int ki = t % KH;
+        const ptrdiff_t c = t / KH;
+        const int y = oy * SH + ki - PH, z = ox * SW + kj - PW;   // the input pixel it reads
+        col = (y >= 0 && y < H && z >= 0 && z < W) ? x[((c * H + y) * W + z) * N + b] : (T)0;
+    """)
+
+
+def _fill_columns_fused(xc, kernel, stride, padding, out):
+    """The GPU twin of :func:`_fill_columns`: one thread per entry of ``col``."""
+    c, h, w, n = xc.shape
+    oh, ow = out.shape[3:5]
+    _IM2COL(xc, *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), out)
+    return out
+
+
+@kernels.fused(_fill_columns_fused)
+def _fill_columns(xc, kernel, stride, padding, out):
+    """``out`` (C, KH, KW, OH, OW, N) <- the receptive fields of ``xc`` (C, H, W, N), C-contiguous.
+
+    Channels are independent: channels ``[a, b)`` are copied by one thread
+    (:func:`tinynet.parallel_for`), the same copies on any number.
+    """
+    c, h, w, n = xc.shape
+    oh, ow = out.shape[3:5]
+    cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
+
+    def fill(a, b):
+        for i, j, rows, cols, in_rows, in_cols in cells:
+            # Every receptive-field entry at kernel offset (i, j), for the whole batch.
+            out[a:b, i, j, rows, cols] = xc[a:b, in_rows, in_cols]
+            _zero_outside(out[a:b, i, j], rows, cols)
+
+    if backend.is_cupy_array(xc):  # (without fused kernels) the GPU needs no host threads
+        fill(0, c)
+    else:
+        parallel_for(c, fill, elements=out.size)
+    return out
+
+
+def im2col(x, kernel, stride, padding, out=None):
+    """Receptive fields of ``x`` (N, C, H, W) as the columns of ``col`` (K, M).
+
+    ``col[(c, i, j), (y, x, n)] = xpad[n, c, SH*y + i, SW*x + j]``.  ``out``
+    may be a buffer of shape (C, KH, KW, OH, OW, N) to fill (the result is
+    then a view of it); a 1x1 stride-1 convolution without padding reads every
+    pixel once, and ``col`` is then ``x`` itself (a view when ``x`` is CHWN in
+    memory).
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    xc = to_chwn(x)  # (C, H, W, N)
+    if _is_pointwise(kernel, stride, padding):
+        return xc.reshape(c, h * w * n)
+    xp = backend.get_array_module(x)
+    if not xc.flags.c_contiguous:
+        # An input that is not CHWN in memory (the images entering the first layer are NCHW)
+        # is reordered once: KH*KW strided gathers from NCHW would each move runs of one value.
+        xc = xp.ascontiguousarray(xc)
+    if out is None:
+        out = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
+    return _fill_columns(xc, kernel, stride, padding, out).reshape(c * kh * kw, oh * ow * n)
+
+
+_COL2IM = kernels.define(
+    "col2im", f"raw T dcol, {kernels.GEOMETRY_PARAMS}", "T dx",
+    kernels.PIXEL_INDEX + """
+        T acc = 0;
+        """ + kernels.FOR_EACH_READER.format(body="""
+                acc += dcol[((((c * KH + ki) * KW + kj) * OH + oy) * OW + ox) * N + b];""") + """
+        dx = acc;
+    """)
+
+
+def _sum_columns_fused(dcol, x_chwn_shape, kernel, stride, padding):
+    """The GPU twin of :func:`_sum_columns`: a gather, each pixel sums its own contributions (no atomics)."""
+    xp = backend.get_array_module(dcol)
+    c, h, w, n = x_chwn_shape
+    oh, ow = dcol.shape[3:5]
+    dx = xp.empty(x_chwn_shape, dtype=dcol.dtype)
+    _COL2IM(xp.ascontiguousarray(dcol), *kernels.geometry_args(h, w, n, kernel, stride, padding, oh, ow), dx)
+    return dx
+
+
+@kernels.fused(_sum_columns_fused)
+def _sum_columns(dcol, x_chwn_shape, kernel, stride, padding):
+    """dx (C, H, W, N), a new array, from ``dcol`` (C, KH, KW, OH, OW, N)."""
+    xp = backend.get_array_module(dcol)
+    c, h, w, n = x_chwn_shape
+    oh, ow = dcol.shape[3:5]
+    dx = xp.empty(x_chwn_shape, dtype=dcol.dtype)
+    cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
+
+    def add_up(a, b):  # channels [a, b), on one thread: the same sums, in the same order, on any number
+        dx[a:b] = 0
+        for i, j, rows, cols, in_rows, in_cols in cells:
+            # += and not =: when the stride is smaller than the kernel, neighbouring
+            # windows overlap and a pixel receives one gradient from each window
+            # that read it (dL/dx is the sum over every use of x).
+            dx[a:b, in_rows, in_cols] += dcol[a:b, i, j, rows, cols]
+
+    if backend.is_cupy_array(dcol):  # (without fused kernels) the GPU needs no host threads
+        add_up(0, c)
+    else:
+        parallel_for(c, add_up, elements=dcol.size)
+    return dx
+
+
+def col2im(dcol, x_shape, kernel, stride, padding):
+    """Adjoint of :func:`im2col`: add every column entry back onto the pixel it was copied from.
+
+    Returns dx with logical shape ``x_shape`` (N, C, H, W), CHWN in memory.
+    Entries that were copied from the padding have no pixel and are dropped.
+    For a 1x1 stride-1 unpadded convolution the adjoint is the identity and dx
+    is a view of ``dcol`` itself; otherwise it is a new array.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x_shape
+    if _is_pointwise(kernel, stride, padding):
+        return from_channel_matrix(dcol, x_shape)
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    return from_chwn(_sum_columns(dcol.reshape(c, kh, kw, oh, ow, n), (c, h, w, n), kernel, stride, padding))
+
+
+def _grouped(a, groups: int):
+    """A (rows, M) matrix as (G, rows/G, M): block g of rows is group g (a view)."""
+    return a.reshape(groups, a.shape[0] // groups, a.shape[1])
+
+
+# ---------------------------------------------------------------------------
+# Which algorithm
+# ---------------------------------------------------------------------------
+#: The convolution algorithms: im2col + GEMM, and Winograd F(m x m, 3 x 3) with m = 2 or 4.
+ALGORITHMS = ("im2col", "winograd_f2", "winograd_f4")
+_WINOGRAD_M = {"winograd_f2": 2, "winograd_f4": 4}
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def algorithm(name: str):
+    """Force the convolution algorithm in this thread, inside a ``with`` block.
+
+    ``name`` is one of :data:`ALGORITHMS`, or ``"auto"`` for :func:`choose_algorithm`'s measured
+    rule.  A Winograd choice applies only where Winograd is defined (:func:`winograd_applies`);
+    every other convolution keeps im2col.  Blocks nest; the setting is per thread.
+    """
+    if name != "auto" and name not in ALGORITHMS:
+        raise ValueError(f"conv.algorithm: expected 'auto' or one of {ALGORITHMS}, got {name!r}")
+    previous = getattr(_forced, "name", "auto")
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def winograd_applies(kernel, stride, groups=1) -> bool:
+    """Winograd F(m x m, 3 x 3) computes exactly the 3x3, stride-1, ungrouped convolutions (any padding)."""
+    return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and groups == 1
+
+
+#: F(2x2, 3x3) is chosen when ``C * C_out * N * OH * OW`` (the multiplications it saves, over 5)
+#: reaches this; below it, the transforms' cost per tile outweighs the smaller matrix products.
+#: The same threshold with and without gradients: a layer's result must not depend on the grad
+#: mode (same input, same weights, same bits), so the forward alone pays what a training step
+#: gains (docs/performance.md, "Grad-mode independence").
+WINOGRAD_MIN_WORK = 1 << 26
+
+
+def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
+    """The algorithm :func:`conv2d_forward` uses for input ``x`` (N, C, H, W) and a (C_out, C/G, KH, KW) weight.
+
+    An :func:`algorithm` block decides first.  Otherwise, for the 3x3 stride-1 ungrouped
+    convolutions of NumPy arrays, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
+    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`), with or without
+    gradients; im2col everywhere else.
+
+    The thresholds are where ``benchmarks/winograd.py`` measured F(2x2, 3x3) faster for a training
+    step; the forward alone gains less (docs/performance.md, "Convolution algorithms").  F(4x4, 3x3)
+    is never chosen: its float32 error is 10-50x im2col's; force it with :func:`algorithm`.  On
+    the GPU im2col stays (not measured there).
+    """
+    kernel = tuple(w_shape[2:])
+    if not winograd_applies(kernel, stride, groups):
+        return "im2col"
+    forced = getattr(_forced, "name", "auto")
+    if forced != "auto":
+        return forced
+    if backend.is_cupy_array(x):
+        return "im2col"
+    n, c, h, w = x.shape
+    out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
+    work = c * w_shape[0] * n * out_pixels
+    return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= WINOGRAD_MIN_WORK else "im2col"
+
+
+def _cached_shape(algorithm_name, x_shape, kernel, stride, padding):
+    """Shape of the buffer the forward of ``algorithm_name`` keeps for the backward (None: nothing)."""
+    if algorithm_name != "im2col":
+        return v_shape(x_shape, padding, _WINOGRAD_M[algorithm_name])
+    if _is_pointwise(kernel, stride, padding):
+        return None
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x_shape
+    return (c, kh, kw, conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw), n)
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------
+def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, groups=1, algorithm=None):
+    """Convolution (cross-correlation, as in PyTorch).
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+    w : (C_out, C/G, KH, KW)
+    b : (C_out,) or None
+    stride, padding : pairs (SH, SW), (PH, PW)
+    col_buffer : optional array for what the forward keeps for the backward:
+        (C, KH, KW, OH, OW, N) for im2col to fill, (alpha^2, C, P) for
+        Winograd's V (shapes from ``_cached_shape``); the cache then refers to
+        it, so its owner must not refill it before the backward of this call
+        has run
+    algorithm : one of :data:`ALGORITHMS`; None: :func:`choose_algorithm`
+
+    Returns
+    -------
+    out : (N, C_out, OH, OW), an NCHW view of a new (C_out, OH, OW, N) array
+    cache : :class:`Im2colCache` (im2col) or :class:`~tinynet.nn.fast.winograd.WinogradCache`,
+        what :func:`conv2d_backward` needs
+    """
+    if algorithm is None:
+        algorithm = choose_algorithm(x, w.shape, stride, padding, groups)
+    if algorithm != "im2col":
+        return winograd_forward(x, w, b, tuple(padding), _WINOGRAD_M[algorithm], v_buffer=col_buffer)
+    c_out, _, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
+    col = im2col(x, (kh, kw), stride, padding, out=col_buffer)  # (K, M)
+    if groups == 1:
+        out2d = w.reshape(c_out, -1) @ col  # W2d (C_out, K) @ col (K, M)
+    else:  # G products (C_out/G, K/G) @ (K/G, M), stacked into (C_out, M)
+        out2d = (w.reshape(groups, c_out // groups, -1) @ _grouped(col, groups)).reshape(c_out, -1)
+    if b is not None:
+        out2d += b[:, None]
+    out = from_channel_matrix(out2d, (n, c_out, oh, ow))
+    return out, Im2colCache(col, x.shape, w, tuple(stride), tuple(padding), b is not None, groups)
+
+
+def conv2d_backward(dout, cache, need_dx: bool = True):
+    """Gradients of :func:`conv2d_forward`.
+
+    Parameters
+    ----------
+    dout : (N, C_out, OH, OW), dL/d(out); not modified
+    cache : :class:`Im2colCache` or :class:`~tinynet.nn.fast.winograd.WinogradCache` from
+        :func:`conv2d_forward`; it says which algorithm ran
+    need_dx : skip dL/dx (returns None) when the input needs no gradient
+
+    Returns
+    -------
+    dx : (N, C, H, W), a new array (CHWN in memory), or None
+    dw : (C_out, C, KH, KW)
+    db : (C_out,) or None
+    """
+    if isinstance(cache, WinogradCache):
+        return winograd_backward(dout, cache, need_dx)
+    col, x_shape, w, stride, padding, has_bias, groups = cache
+    c_out, _, kh, kw = w.shape
+    dout2d = channel_matrix(dout)  # (C_out, M)
+    db = dout2d.sum(axis=1) if has_bias else None
+    if groups == 1:
+        dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
+        w_t, dout_g = w.reshape(c_out, -1).T, dout2d  # W2d.T (K, C_out)
+    else:  # per group: dW[g] = dout[g] @ col[g].T, dcol[g] = W[g].T @ dout[g]
+        dout_g = _grouped(dout2d, groups)
+        dw = (dout_g @ _grouped(col, groups).transpose(0, 2, 1)).reshape(w.shape)
+        w_t = w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1)  # (G, K/G, C_out/G)
+    dx = None
+    if need_dx:
+        if _is_pointwise((kh, kw), stride, padding):
+            dcol = w_t @ dout_g  # col2im is the identity: dcol *is* dx, so it must be a new array
+        else:
+            # dcol only lives until col2im has summed it into a new dx: this thread's scratch buffer
+            # (see workspace.scratch), refilled by the next convolution's backward.
+            xp = backend.get_array_module(dout2d)
+            dcol = scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
+            xp.matmul(w_t, dout_g, out=dcol if groups == 1 else _grouped(dcol, groups))  # dcol = W2d.T @ dout2d
+        dx = col2im(dcol.reshape(col.shape), x_shape, (kh, kw), stride, padding)
+    return dx, dw, db
+
+
+def layer_forward(x, w, b, stride, padding, groups, buffers: LayerBuffers, keep: bool):
+    """:class:`~tinynet.nn.Conv2d`'s fast forward: ``(out, cache, buffer)``.
+
+    The algorithm is :func:`choose_algorithm`'s; what it keeps for the backward (im2col's columns
+    or Winograd's V) goes into a buffer from the layer's ``buffers``, lent until the backward gives
+    it back (``keep``: gradients enabled), or into this thread's scratch buffer, dead once the
+    forward returns (``keep=False``).  ``buffer`` is None where nothing is kept (a 1x1 conv).
+    """
+    algo = choose_algorithm(x, w.shape, stride, padding, groups)
+    shape = _cached_shape(algo, x.shape, tuple(w.shape[2:]), stride, padding)
+    buffer = None if shape is None else buffers.take("conv2d_forward.col", shape, x, keep)
+    out, cache = conv2d_forward(x, w, b, stride, padding, buffer, groups, algo)
+    return out, cache, buffer
