@@ -30,7 +30,7 @@ tests       warmup: each fused kernel compiled (float32, float64),      20-40   
             NVRTC and CUB (reduction) compilations, timed and cached on
             disk (CUPY_CACHE_DIR) for the steps after it
 tests       pytest -m gpu, fused kernels                                60-100    140
-tests       pytest -m gpu, plain CuPy code (TINYNET_FUSED_KERNELS=0):   40-60     85
+tests       pytest -m gpu, the plain path (TINYNET_FAST=0):           40-60     85
             the fused kernels' compilations are not needed, the rest
             are cached
 bench       batch 64, every case, TF32 off, with peak-memory probes     60-90     130
@@ -102,7 +102,7 @@ STAGES = {
              PYTEST + ("--junitxml", "{out}/tests_fused.xml", "tests/gpu"), artefacts=("tests_fused.xml",)),
         Step("tests_plain", 85, 50, PYTEST + ("--junitxml", "{out}/tests_plain.xml", "tests"),
              PYTEST + ("--junitxml", "{out}/tests_plain.xml", "tests/gpu"),
-             env=(("TINYNET_FUSED_KERNELS", "0"),), artefacts=("tests_plain.xml",)),
+             env=(("TINYNET_FAST", "0"),), artefacts=("tests_plain.xml",)),
     ),
     "bench": (
         Step("bench_64", 130, 75, BENCH + ("--device", "cuda", "--batch", "64", "--json", "{out}/bench_64.json"),
@@ -353,7 +353,7 @@ def probe_warmup(device: str) -> dict:
                 key = f"{label}_{dtype}_train_step_{attempt}"
                 timings[key] = round(time.perf_counter() - started, 3)
                 print(f"{key}: {timings[key]} s", flush=True)
-    kernel = getattr(kernels, "_kernel", None)  # the fused kernels compiled so far (CuPy keeps their source)
+    kernel = getattr(kernels, "_compiled", None)  # name -> its ElementwiseKernel (CuPy keeps what it compiled)
     if device == "cuda" and kernel is not None:
         compiled = sorted(name for name in kernels.SOURCES if _compiled(kernel(name)))
         timings["fused_kernels_compiled"] = compiled

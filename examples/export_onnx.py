@@ -1,73 +1,17 @@
-"""Export weights from a training run to ONNX, for onnxruntime or any other ONNX runtime.
+"""Export weights from a training run to ONNX, for onnxruntime or any other ONNX runtime (as ``tinynet export``).
 
     python examples/export_onnx.py --weights runs/resnet/best.safetensors --out model.onnx
 
-The graph (opset 17, standard operators only: see tinynet/onnx.py) takes a
-float32 batch ``input`` of shape (N, 3, size, size), normalised as in
-training, and returns ``logits`` (N, classes).  The class names, image size
-and normalisation are copied into the ONNX file's metadata, so that
-``examples/predict.py --onnx model.onnx photo.jpg`` needs nothing else.
-Needs the optional extra: pip install "tinynet[onnx]".
+Needs the optional extra: pip install -e ".[onnx]" (from the checkout).  See tinynet/commands/export.py.
 """
-import argparse
-import os
-import pathlib
 import sys
 
-from tinynet.onnx import OPSET, ExportError, OnnxUnavailable, export
-from tinynet.predict import ModelFileError, load_model
-
-
-def check_out(out: pathlib.Path) -> str | None:
-    """Why ``out`` cannot become the exported file (None if it can), found before any work is done."""
-    if out.is_dir():
-        return "is a folder; name the .onnx file to write"
-    if out.exists() and not out.is_file():
-        return "is not a regular file"
-    parent = out.parent
-    if not parent.exists():
-        return f"its folder {str(parent)!r} does not exist"
-    if not parent.is_dir():
-        return f"its folder {str(parent)!r} is not a folder"
-    return None
+from tinynet.commands.export import check_out, main as export_main  # noqa: F401 (check_out: for the tests)
+from tinynet.predict import load_model
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="export_onnx.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="best.safetensors or last.safetensors of a training run")
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
-    args = parser.parse_args(argv)
-    out = pathlib.Path(args.out)
-    problem = check_out(out)
-    if problem:
-        print(f"{parser.prog}: error: --out {args.out!r} {problem}", file=sys.stderr)
-        return 2
-    # The graph goes to a temporary file beside --out, renamed over it once complete: a failed export
-    # leaves an earlier file as it was.  Created first, so that a folder refusing writes is found now.
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    except OSError as error:
-        print(f"{parser.prog}: error: --out {args.out!r} cannot be written: {error.strerror or error}",
-              file=sys.stderr)
-        return 2
-    try:
-        model, meta = load_model(args.weights)
-        size = meta["image_size"]
-        export(model, partial, (1, 3, size, size), metadata=meta)
-        os.replace(partial, out)
-    except (ModelFileError, ExportError, OnnxUnavailable, ImportError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"{parser.prog}: error: --out {args.out!r} cannot be written: {error.strerror or error}",
-              file=sys.stderr)
-        return 2
-    finally:
-        partial.unlink(missing_ok=True)
-    print(f"wrote {args.out}: {meta['model']}, {len(meta['classes'])} classes, input (N, 3, {size}, {size}), "
-          f"opset {OPSET}")
-    return 0
+    return export_main(argv, load=lambda *args, **kwargs: load_model(*args, **kwargs))  # this module's load_model
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _model_and_loader():
 @needs_no_cupy
 @pytest.mark.parametrize("name", ["cuda", "cuda:0"])
 def test_check_device_without_cupy_names_the_device_and_the_install(name):
-    with pytest.raises(RuntimeError, match=rf"device '{name}' needs CuPy.*pip install tinynet\[cuda12\]"):
+    with pytest.raises(RuntimeError, match=rf"device '{name}' needs CuPy.*pip install -e \"\.\[cuda12\]\""):
         backend.check_device(name)
 
 

@@ -93,7 +93,7 @@ def test_a_layer_without_translation_is_named(tmp_path):
 
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
-    with pytest.raises(OnnxUnavailable, match=r'pip install "tinynet\[onnx\]"'):
+    with pytest.raises(OnnxUnavailable, match=r'pip install -e "\.\[onnx\]"'):
         export(simple_cnn(3, image_size=16), tmp_path / "x.onnx", (1, 3, 16, 16))
 
 

@@ -153,7 +153,7 @@ def test_unreadable_files_are_skipped_with_the_training_decoders_reason(trained,
         assert lines[str(folder / name)] == f"skipped: {reason}"
     assert lines[str(tmp_path / "missing.jpg")] == "skipped: no such file or folder"
     assert not lines[str(folder / "good.png")].startswith("skipped")
-    assert "1 images classified, 4 skipped" in result.stderr
+    assert "1 image classified, 4 skipped" in result.stderr
 
 
 def test_same_pixels_as_training(trained):

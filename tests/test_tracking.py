@@ -154,6 +154,6 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
         wandb, tensorboard = "p", False
 
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(TrackingUnavailable, match=r'--wandb needs the wandb package.*tinynet\[track\]'):
+    with pytest.raises(TrackingUnavailable, match=r'--wandb needs the wandb package.*pip install -e "\.\[track\]"'):
         Trackers.from_args(Args, {}, tmp_path)
     assert not Trackers.from_args(type("NoTracking", (), {})(), {}, tmp_path)  # nothing asked: nothing imported

@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 _INSTALL_HINT = (
-    "install CuPy for your CUDA version, e.g. `pip install tinynet[cuda12]` "
-    "(cupy-cuda12x) or `pip install tinynet[cuda13]` (cupy-cuda13x)"
+    "install CuPy for your CUDA version, from the tinynet checkout: `pip install -e \".[cuda12]\"` "
+    "(cupy-cuda12x) or `pip install -e \".[cuda13]\"` (cupy-cuda13x)"
 )
 
 

@@ -27,7 +27,8 @@ from .data.folder import RUN_FOLDER_MARKER
 from .io.files import atomic_write
 from .train import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
-__all__ = ["UsageError", "FailedRun", "CommandLineParser", "check_device", "check_output_folder", "check_seed",
+__all__ = ["UsageError", "FailedRun", "InterruptedAfterTraining", "CommandLineParser", "check_device",
+           "check_output_folder", "check_seed",
            "check_image_size", "hardware", "run_command", "write_json", "remove_stale_temporaries",
            "claim_output_folder", "check_outside", "remove_abandoned_partials", "MAX_IMAGE_SIZE"]
 
@@ -43,6 +44,13 @@ class UsageError(Exception):
 
 class FailedRun(Exception):
     """The run ended without a result that can be reported (a loss that is not a number): exit status 1."""
+
+
+class InterruptedAfterTraining(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the last epoch, while the test numbers, figures and report were being made.
+
+    The checkpoint holds every epoch, so ``--resume`` trains nothing and finishes the results.
+    """
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -71,6 +79,52 @@ def check_output_folder(path) -> pathlib.Path:
     except OSError as error:
         raise UsageError(f"output folder {str(out)!r} cannot be written: {error.strerror or error}") from None
     return out
+
+
+#: The largest value of the counting options: 10**12 epochs or images per batch is a typo, never a plan.
+MOST = {"epochs": 100_000, "batch_size": 65_536}
+
+
+def check_counts(args, names) -> None:
+    """Each option of ``names`` (attributes of ``args``) a positive integer, at most :data:`MOST` where listed."""
+    for name in names:
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        if value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
+    for name in names:
+        value, most = getattr(args, name), MOST.get(name)
+        if most is not None and value > most:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
+
+
+def check_threads(value) -> None:
+    """``--threads``: "auto" or a count (:func:`tinynet.cores.parse_threads`), else a :class:`UsageError`."""
+    from .cores import parse_threads
+
+    try:
+        parse_threads(value)
+    except ValueError as error:
+        raise UsageError(f"--threads: {error}") from None
+
+
+def add_threads_argument(parser) -> None:
+    """``--threads auto|N``: how many CPU threads compute (:mod:`tinynet.cores`)."""
+    parser.add_argument("--threads", default=os.environ.get("TINYNET_THREADS", "auto"), metavar="auto|N",
+                        help="CPU threads for the matrix products and tinynet's own passes; 'auto' (the default, "
+                             "or $TINYNET_THREADS) uses the cores other programs leave free, and gives cores back "
+                             "while they need them")
+
+
+def start_threads(threads, log):
+    """The :class:`tinynet.cores.ThreadGovernor` for ``--threads`` (logged); a :class:`UsageError` for a bad value."""
+    from .cores import ThreadGovernor
+
+    try:
+        governor = ThreadGovernor(threads, log=log)
+    except ValueError as error:
+        raise UsageError(f"--threads: {error}") from None
+    log(f"threads: {governor.reason}")
+    return governor
 
 
 def check_seed(seed: int) -> int:
@@ -255,27 +309,39 @@ def run_command(prog: str, job) -> int:
         with _sigterm_as_ctrl_c() as sigterm:
             job()
     except (UsageError, CheckpointError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        _say(f"{prog}: error: {error}")
         return 2
     except (NonFiniteLossError, FailedRun) as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+        _say(f"{prog}: {error}")
         return 1
     except MemoryError:
-        print(f"{prog}: error: out of memory; lower --batch-size or the image size", file=sys.stderr)
+        _say(f"{prog}: error: out of memory; lower --batch-size or the image size")
         return 1
     except OSError as error:  # CheckpointWriteError says which checkpoint is still intact
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        _say(f"{prog}: error: {error}")
         return 1
     except TrainingInterrupted as stop:
         how = "terminated (SIGTERM): " if sigterm.received else ""
-        print(f"\n{prog}: {how}{stop}; run again with --resume to continue", file=sys.stderr)
+        _say(f"\n{prog}: {how}{stop}; run again with --resume to continue")
+        return 143 if sigterm.received else 130
+    except InterruptedAfterTraining:
+        how = "terminated (SIGTERM)" if sigterm.received else "interrupted"
+        _say(f"\n{prog}: {how} after training, while the results were written; the checkpoint holds every epoch; "
+              f"run again with --resume to finish the test numbers, figures and report (no epoch is trained again)")
         return 143 if sigterm.received else 130
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if sigterm.received else "interrupted"
-        print(f"\n{prog}: {how} outside training; every checkpoint written so far is intact; run again with "
-              f"--resume to continue", file=sys.stderr)
+        _say(f"\n{prog}: {how} outside training; every checkpoint written so far is intact; run again with "
+              f"--resume to continue")
         return 143 if sigterm.received else 130
     return 0
+
+
+def _say(text: str) -> None:
+    """``text`` and its newline to stderr in one write: ranks under ``mpiexec`` share the stream, and
+    a line written in two pieces can be cut by another rank's."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class _sigterm_as_ctrl_c:

@@ -29,13 +29,15 @@ import argparse
 import contextlib
 import pathlib
 import time
+import types
 
 import numpy as np
 
 from . import distributed, nn, optim
-from .cli import (CommandLineParser, FailedRun, UsageError, check_device, check_image_size, check_output_folder,
-                  check_outside, check_seed, claim_output_folder, hardware, remove_stale_temporaries, run_command,
-                  write_json)
+from .cli import (CommandLineParser, FailedRun, InterruptedAfterTraining, UsageError, add_threads_argument,
+                  check_counts, check_device, check_image_size, check_output_folder, check_outside, check_seed,
+                  check_threads, claim_output_folder, hardware, remove_stale_temporaries, run_command,
+                  start_threads, write_json)
 from .data import (ArrayDataset, ColorJitter, Compose, DataLoader, ImageFolder, RandomHorizontalFlip,
                    RandomRotation, digits_dataset, stratified_split)
 from .io import WeightsFileError, load_into
@@ -57,12 +59,33 @@ DIGITS_NOTE = ("no --data given: using scikit-learn's bundled handwritten digits
                "photos with --data DIR, where DIR holds one sub-folder of images per class.")
 
 
-def build_parser(model: str) -> argparse.ArgumentParser:
+#: The fewest images per class that the stratified 70/20/10 split accepts: with 10 classes or more, 10 (the
+#: 10 % test part must hold one image of each class); with 2 classes, 6.  tests/test_command.py checks both
+#: against :func:`tinynet.data.stratified_split`; :func:`minimum_per_class` finds the number for any count.
+MIN_PER_CLASS_MANY, MIN_PER_CLASS_FEW, CLASSES_FEW = 10, 6, 2
+
+
+def minimum_per_class(num_classes: int) -> int:
+    """The fewest images per class for which ``num_classes`` equal classes can be split 70/20/10, stratified."""
+    for count in range(2, MIN_PER_CLASS_MANY + 1):
+        try:
+            stratified_split(np.repeat(np.arange(num_classes), count))
+        except ValueError:
+            continue
+        return count
+    return MIN_PER_CLASS_MANY
+
+
+def build_parser(model: str, prog: str | None = None, choose_model: bool = False) -> argparse.ArgumentParser:
+    """The options of ``train_<model>.py``; with ``choose_model``, also ``--model`` (``tinynet train``)."""
     what = "the assignment's small CNN" if model == "cnn" else "ResNet18 (torchvision layout, head 512-512-classes)"
-    parser = CommandLineParser(prog=f"train_{model}.py",
+    parser = CommandLineParser(prog=prog or f"train_{model}.py",
                      description=f"Train {what} on a folder of images with tinynet, as in the assignment: "
                                  f"70/20/10 stratified split, 64x64 images normalised with mean and std 0.5, "
                                  f"Adam, cross-entropy; test accuracy and weighted F1 at the end.")
+    if choose_model:
+        parser.add_argument("--model", choices=("cnn", "resnet"), default="resnet",
+                            help="the assignment's small CNN, or ResNet18 (default); each has its own options below")
     parser.add_argument("--data", help="folder with one sub-folder of images per class (default: the bundled "
                                        "scikit-learn digits, so that the script runs out of the box)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (needs CuPy and a GPU); default cpu")
@@ -76,13 +99,17 @@ def build_parser(model: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=f"runs/{model}", help=f"output folder; default runs/{model}")
     parser.add_argument("--seed", type=int, default=42,
                         help="seeds the split, the weights and the batch order; default 42")
-    parser.add_argument("--limit", type=int, help="use at most N images per class (quick runs)")
+    parser.add_argument("--limit", type=int,
+                        help=f"use at most N images per class (quick runs); the stratified 70/20/10 split needs at "
+                             f"least {MIN_PER_CLASS_MANY} per class ({MIN_PER_CLASS_FEW} with {CLASSES_FEW} classes)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                         help="a non-finite loss stops the run (default) or its batch is skipped and counted")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    add_threads_argument(parser)
     parser.add_argument("--wandb", metavar="PROJECT", help="log the run to Weights & Biases project PROJECT "
-                        "(offline, under --out, unless you are logged in; needs pip install \"tinynet[track]\")")
+                        "(offline, under --out, unless you are logged in; needs pip install -e \".[track]\" in the "
+                        "checkout)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="write TensorBoard scalar event files to OUT/tensorboard (needs tensorboardX)")
     if model == "resnet":
@@ -108,15 +135,10 @@ OUTPUT_FILES = frozenset({"metrics.json", "checkpoint.npz", "skipped.tsv", "clas
 
 
 def _check_args(args, model: str) -> None:
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    # Finite is not enough: 10**12 epochs or images per batch is a typo, never a plan.
-    for name, most in (("epochs", 100_000), ("batch_size", 65_536)):
-        if getattr(args, name) > most:
-            raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {getattr(args, name)}")
+    check_counts(args, ("epochs", "batch_size", "image_size"))
     check_image_size("--image-size", args.image_size)
     check_seed(args.seed)
+    check_threads(args.threads)
     if model == "cnn" and args.image_size % 16:
         raise UsageError(f"--image-size must be a multiple of 16 for the CNN (its pools divide it by 4, 2 and 2), "
                          f"got {args.image_size}")
@@ -152,8 +174,10 @@ def load_dataset(args, log):
             dataset = ArrayDataset(dataset.images(keep), dataset.labels[keep], dataset.classes)
         return dataset, "sklearn digits (rendered)"
     dataset = ImageFolder(args.data, size=args.image_size, limit_per_class=args.limit)
-    log(f"data: {args.data}: {len(dataset)} images in {len(dataset.classes)} classes "
-        f"({dataset.report}); {len(dataset.skipped)} files skipped")
+    # The decode report counts the files that failed to decode; the folder scan can skip more (not listed, ...)
+    others = len(dataset.skipped) - dataset.report.skipped
+    more = f"; {len(dataset.skipped)} files skipped in all" if others else ""
+    log(f"data: {args.data}: {len(dataset)} images in {len(dataset.classes)} classes ({dataset.report}){more}")
     for item in dataset.skipped[:10]:
         log(f"  skipped {printable(item.path)}: {printable(item.reason)}")  # a file name can hold ESC sequences
     if len(dataset.skipped) > 10:
@@ -209,6 +233,13 @@ def resume_recipe(model: str, args, data_name: str) -> dict:
     return recipe
 
 
+def _threads() -> int:
+    """The threads this process computes with (the BLAS pool and tinynet's own: :func:`tinynet.backend.num_threads`)."""
+    from . import backend
+
+    return backend.num_threads()
+
+
 def _has_batch_norm(net) -> bool:
     return any(isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) for module in net.modules())
 
@@ -227,11 +258,17 @@ def run(model: str, args, log=print) -> dict:
     writes into the folder of another run (:func:`tinynet.cli.claim_output_folder`):
     ``args.out`` is set to the folder it writes to.
     """
+    stage = types.SimpleNamespace(trained=False)  # set once fit has returned: the rest is the results
     with contextlib.ExitStack() as held:
-        return _run(model, args, log, held)
+        try:
+            return _run(model, args, log, held, stage)
+        except KeyboardInterrupt:
+            if stage.trained:  # the checkpoint holds every epoch: --resume trains nothing and writes the results
+                raise InterruptedAfterTraining() from None
+            raise
 
 
-def _run(model: str, args, log, held) -> dict:
+def _run(model: str, args, log, held, stage) -> dict:
     from . import plots
 
     _check_args(args, model)
@@ -251,6 +288,9 @@ def _run(model: str, args, log, held) -> dict:
     try:  # an empty folder, a class without usable images, a class too small to split
         dataset, data_name = load_dataset(args, log)
         classes = list(dataset.classes)
+        if args.limit is not None and args.limit < minimum_per_class(len(classes)):
+            raise UsageError(f"--limit {args.limit} is too few: the stratified 70/20/10 split of {len(classes)} "
+                             f"classes needs at least {minimum_per_class(len(classes))} images per class")
         train_idx, val_idx, test_idx = stratified_split(dataset.labels, seed=42, classes=classes)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         raise UsageError(str(error)) from None
@@ -313,15 +353,19 @@ def _run(model: str, args, log, held) -> dict:
                                       transform=augment if args.augment else None, prefetch=0)))
         plots.plot_batch_grid(x0, y0, classes, out / "batch_grid.png")
 
+    # With --distributed the ranks share the cores (tinynet.distributed.setup divides them); alone, the run
+    # takes the cores other programs leave free, and gives them back while they need them.
+    governor = start_threads(args.threads, log) if comm is None else None
     log(f"model: {type(net).__name__}, {sum(p.size for p in net.parameters()):,} parameters, on {args.device}; "
-        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}"
-        f"{', augmentation run' if args.augment else ''}")
+        f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, batch {args.batch_size}, Adam lr {args.lr}"
+        f"{', augmentation run' if args.augment else ''}; {_threads()} CPU thread{'s' if _threads() != 1 else ''}")
     history = fit(net, optimizer, loss_fn, train_loader, val_loader, args.epochs, device=args.device,
                   checkpoint_path=out / "checkpoint.npz", resume=args.resume, on_nan=args.on_nan,
                   progress=not args.no_progress and is_main,
                   extra=run_extra, data_identity=data_identity,
                   log=log, on_epoch_end=lambda *state: [callback(*state) for callback in callbacks],
-                  distributed=distributed.FitHooks(comm) if comm is not None else None)
+                  distributed=distributed.FitHooks(comm) if comm is not None else None, threads=governor)
+    stage.trained = True
     if not is_main:
         return {}
     if comm is not None:
@@ -376,6 +420,10 @@ def _run(model: str, args, log, held) -> dict:
         "hardware": hardware(args.device),
         "world_size": comm.size if comm is not None else 1,  # processes that trained (--distributed)
         "wall_seconds": time.time() - started,
+        "estimated_training_seconds": history.estimated_seconds,  # fit's up-front estimate, from timed steps
+        "threads": _threads(),  # at the end of the run
+        "threads_setting": args.threads,  # "auto": the free cores, adapted while training (tinynet.cores)
+        "threads_changes": governor.changes if governor is not None else 0,
     }
     write_json(out / "metrics.json", result)
     write_report(out, result, mistakes)
@@ -392,12 +440,13 @@ def _run(model: str, args, log, held) -> dict:
             f"written?); last.safetensors holds epoch {shipped['last']['epoch']}")
     weights = "best.safetensors and last.safetensors" if shipped["best"] else "last.safetensors"
     log(f"figures, metrics.json, report.html, {weights} written to {out}")  # only what is there
+    log(f"total time {result['wall_seconds']:.0f} s on {_threads()} CPU thread{'s' if _threads() != 1 else ''}")
     return result
 
 
-def main(model: str, argv=None) -> int:
+def main(model: str, argv=None, prog: str | None = None, choose_model: bool = False) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_parser(model)
+    parser = build_parser(model, prog, choose_model)
     args = parser.parse_args(argv)
     status = run_command(parser.prog, lambda: run(model, args))
     return distributed.world().finish(status)  # with --distributed, an error on one rank stops them all

@@ -32,7 +32,7 @@ layer used twice (shared weights) reads one set of initializers.
 JSON strings, so an ONNX file is as self-describing as a ``.safetensors`` one.
 
 ``onnx`` and ``onnxruntime`` are the optional extra ``onnx``
-(``pip install "tinynet[onnx]"``), imported only when a function here runs.
+(``pip install -e ".[onnx]"`` from the checkout), imported only when a function here runs.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise OnnxUnavailable(f"{module} is not installed; ONNX export and inference need the optional extra: "
-                              f"pip install \"tinynet[onnx]\" (onnx and onnxruntime)") from None
+                              f"pip install -e \".[onnx]\" (onnx and onnxruntime) in the tinynet checkout") from None
 
 
 class _GraphBuilder:
@@ -329,7 +329,7 @@ def load(path, device: str = "cpu"):
     """
     ort = _require("onnxruntime")
     providers = ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if backend.normalize_device(device) == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(path), providers=providers)
     raw = session.get_modelmeta().custom_metadata_map

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,12 +458,18 @@ class Prediction:
     skipped: str | None = None
 
 
+def natural_key(path: str) -> tuple:
+    """Sort key that orders the digit runs in ``path`` by their value: ``img2`` before ``img10``, as people count."""
+    return tuple((0, int(part), part) if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", path))
+
+
 def find_images(inputs) -> tuple[list[str], list[Prediction]]:
     """The files named in ``inputs`` and the image files below the folders among them, in a stable order.
 
     A folder contributes every non-hidden file with an image suffix below it,
-    sorted by path; a file named explicitly is always kept (its contents, not
-    its name, decide whether it is an image).  Names that do not exist are
+    in natural order (:func:`natural_key`: ``img2`` before ``img10``); a file
+    named explicitly is always kept (its contents, not its name, decide
+    whether it is an image).  Names that do not exist are
     returned as skipped :class:`Prediction` entries.
     """
     files, missing = [], []
@@ -473,7 +480,7 @@ def find_images(inputs) -> tuple[list[str], list[Prediction]]:
                 subfolders[:] = [name for name in subfolders if not name.startswith(".")]
                 found += [os.path.join(folder, name) for name in names
                           if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
-            files += sorted(found)
+            files += sorted(found, key=natural_key)
         elif os.path.lexists(item):
             files.append(item)
         else:
@@ -492,7 +499,7 @@ def model_forward(model, device: str = "cpu"):
     """``forward(x)``: a tinynet ``model``'s outputs for a float32 NumPy batch, computed on ``device``, on the host."""
     def forward(x):
         with no_grad():
-            return backend.to_numpy(model(backend.to_device(x, device) if device == "cuda" else x))
+            return backend.to_numpy(model(backend.to_device(x, device)))  # any spelling: "cuda:0", "gpu"...
     return forward
 
 

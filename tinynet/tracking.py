@@ -23,7 +23,7 @@ What is logged, with the epoch (1-based) as the step:
 W&B runs offline (files under ``<out>/wandb``, to upload later with ``wandb
 sync``) unless the user has logged in (``wandb login``) or chose a mode with
 the ``WANDB_MODE`` environment variable.  Both packages are the optional
-extra ``track`` (``pip install "tinynet[track]"``) and imported only when
+extra ``track`` (``pip install -e ".[track]"`` from the checkout) and imported only when
 asked for.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _require(module: str, flag: str):
         return importlib.import_module(module)
     except ImportError:
         raise TrackingUnavailable(f"{flag} needs the {module} package, which is not installed: "
-                                  f"pip install \"tinynet[track]\" (or pip install {module})") from None
+                                  f"pip install -e \".[track]\" in the tinynet checkout (or pip install {module})") from None
 
 
 def epoch_scalars(stats) -> dict:

@@ -21,9 +21,9 @@ from tinynet import backend, nn, optim
 from tinynet.models import resnet18, simple_cnn
 
 from conftest import assert_close_to_scale
+from fastpath import fast_path_on  # noqa: F401  (a fixture: CHWN views are the fast path's)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+pytestmark = [pytest.mark.gpu]  # on a real GPU, else on the CuPy stand-in (tests/gpu/conftest.py)
 
 RTOL = 1e-4
 
@@ -359,7 +359,7 @@ def test_nan_gradients_through_relu_backward_as_in_numpy(rng):
     (nn.Flatten, (3, 4, 2, 2)),
     (lambda: nn.BasicBlock(4, 4, 1, None, rng=np.random.default_rng(3)), (3, 4, 6, 6)),
 ])
-def test_single_layers_take_chwn_views_as_inside_a_network(make, shape, rng):
+def test_single_layers_take_chwn_views_as_inside_a_network(make, shape, rng, fast_path_on):
     # Inside a network every activation is an NCHW view of a CHWN buffer (tinynet.nn.layout);
     # a layer tested alone on plain NCHW arrays would not see that layout.
     x = rng.standard_normal(shape).astype(np.float32)

@@ -27,8 +27,7 @@ from tinynet.data import DataLoader  # noqa: E402
 
 import test_distributed as cpu  # noqa: E402
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+pytestmark = [pytest.mark.gpu]  # on a real GPU, else on the CuPy stand-in (tests/gpu/conftest.py)
 
 
 def gpu_count():
@@ -67,10 +66,17 @@ def worker(out):
 @pytest.fixture(scope="module")
 def nccl_world():
     pytest.importorskip("mpi4py")
+    import sys
+
+    excepthook = sys.excepthook
     try:
-        return distributed.init(device="cuda")
+        world = distributed.init(device="cuda")
     except (distributed.DistributedError, RuntimeError) as error:
         pytest.skip(f"NCCL unavailable: {error}")
+    yield world
+    # init() made this process's world (and its abort-on-error hook): later tests run as a plain process
+    distributed._world = distributed.LocalCommunicator()
+    sys.excepthook = excepthook
 
 
 def test_nccl_collectives_in_a_world_of_one(nccl_world):

@@ -12,8 +12,7 @@ import pytest
 from tinynet import backend, nn, optim
 from tinynet.nn.layout import add
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")]
+pytestmark = [pytest.mark.gpu]  # on a real GPU, else on the CuPy stand-in (tests/gpu/conftest.py)
 
 
 def to_gpu(a):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import backend
 from .communicator import (DEFAULT_TIMEOUT, Communicator, DistributedError, LocalCommunicator, MPICommunicator)
 from .data_parallel import DistributedOptimizer, FitHooks, broadcast_state, check_replicas_equal
 from .job import check_same_job
@@ -65,6 +66,7 @@ def init(device: str = "cpu", timeout: float | None = None, limit_threads: bool 
         return _world
     if timeout is None:
         timeout = float(os.environ.get("TINYNET_DISTRIBUTED_TIMEOUT", DEFAULT_TIMEOUT))
+    device = backend.normalize_device(device)  # "cuda:0" and "gpu" are the GPU too
     comm = MPICommunicator(timeout=timeout, nccl=(device == "cuda"))
     install_abort_on_error(comm)
     if limit_threads and device != "cuda" and "OMP_NUM_THREADS" not in os.environ:

@@ -136,7 +136,8 @@ def _mpi():
     except ImportError as error:
         raise DistributedError(
             f"distributed training needs mpi4py and an MPI library, which could not be imported ({error}); "
-            f"install them with `pip install tinynet[mpi]` (mpi4py and the mpich wheel, which brings mpiexec), "
+            f"install them with `pip install -e \".[mpi]\"` in the tinynet checkout (mpi4py and the mpich wheel, "
+            f"which brings mpiexec), "
             f"then start N processes with `mpiexec -n N python SCRIPT --distributed ...`") from None
     return MPI
 
@@ -294,6 +295,6 @@ class MPICommunicator(Communicator):
         Ctrl-C (130) reaches every rank: the others then leave quietly, and
         rank 0 aborts only after it has saved the checkpoint.
         """
-        if status and not (status == 130 and not self.is_main):
+        if status and self.size > 1 and not (status == 130 and not self.is_main):  # alone: nobody waits
             self.abort(f"{self.name}: exiting with status {status}; stopping every rank", status)
         return status

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend
+from ..nn.fast.norm import batch_norm_input_grad
 from ..nn.layout import channel_matrix, from_channel_matrix
 from ..nn.norm import BatchNorm2d, _BatchNorm
 from ..nn.validation import check_grad, check_input
@@ -88,7 +89,9 @@ class SyncBatchNorm(BatchNorm2d):
         count = xp.full(1, m_local, dtype=x2.dtype)
         gathered = self._communicator().allgather(xp.concatenate([local_mean, local_m2, count]))  # (N, 2C + 1)
         means, m2s, counts = gathered[:, :c], gathered[:, c:2 * c], gathered[:, 2 * c]
-        m = int(round(float(counts.sum())))
+        # M, the values per channel over all ranks, is a sum of host numbers: summed over MPI on the host,
+        # not read back from the device (``float(counts.sum())`` made every layer wait for the GPU).
+        m = int(round(self._communicator().sum_numbers([m_local])[0]))
         if m <= 1:
             raise ValueError(f"{self._describe()}: training needs more than one value per channel over all ranks "
                              f"to compute a variance, got input of shape {tuple(x.shape)} on this rank")
@@ -117,10 +120,8 @@ class SyncBatchNorm(BatchNorm2d):
         dgamma = xp.einsum("cm,cm->c", dy2, cache.xhat)
         sums = self._communicator().allreduce_(xp.concatenate([dbeta, dgamma]))  # S1 and S2 over all ranks
         s1, s2 = sums[:c], sums[c:]
-        k = cache.scale
-        dx2 = cache.xhat * (-k * s2 / cache.count)[:, None]
-        dx2 += (-k * s1 / cache.count)[:, None]
-        dx2 += dy2 * k[:, None]
+        # BatchNorm's input gradient (written once, in tinynet.nn.fast.norm), with the global sums and count
+        dx2 = batch_norm_input_grad(dy2, cache.xhat, cache.scale, s1, s2, xp.empty_like(dy2), count=cache.count)
         if self.affine:  # this rank's own sums; the optimizer averages them over the ranks
             self.weight.accumulate_grad(dgamma)
             self.bias.accumulate_grad(dbeta)
@@ -145,6 +146,8 @@ def convert_sync_batchnorm(module, comm=None):
                             module.track_running_stats, dtype=dtype, comm=comm)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
+        else:  # the constant gamma = 1, beta = 0, on the device the module is on (a new layer's are on the host)
+            new._gamma, new._beta = module._gamma, module._beta
         if module.track_running_stats:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 setattr(new, name, getattr(module, name))

@@ -36,6 +36,7 @@ from .. import backend
 from ..io import WeightsFileError, WeightsValueError, check_state_values, load_weights
 from ..data.identity import identity_changes, identity_summary
 from ..io.files import atomic_write, short_repr
+from .history import History
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_checkpoint", "CheckpointError", "CheckpointWriteError",
            "FORMAT"]
@@ -177,7 +178,6 @@ def _meta_problem(meta: dict) -> str | None:
         return "scheduler is not an object with last_epoch (an int) and base_lrs (numbers)"
     history = meta.get("history")
     if history is not None:
-        from .loop import History  # loop imports this module: import at call time
         try:
             History.from_dict(history)
         except (TypeError, AttributeError, ValueError) as error:
@@ -211,21 +211,25 @@ def _read_and_check(path, expect=None, data=None, batches_per_epoch=None) -> tup
     if problem:
         raise CheckpointError(f"checkpoint {path}: its metadata is damaged or was edited: {problem}; "
                               f"start a new run, or resume from an untouched checkpoint")
+    # Every difference is named in the one refusal, so that a user fixes them all at once, not one per try.
     saved = meta.get("extra") or {}
-    for key, value in _jsonable(dict(expect or {})).items():
-        if key in saved and saved[key] != value:
-            raise CheckpointError(f"checkpoint {path} belongs to another run: its {key} is {short_repr(saved[key])}, "
-                                  f"this run's is {short_repr(value)}; start a new run in another folder, or without "
-                                  f"resuming")
+    settings = [f"its {key} is {short_repr(saved[key])}, this run's is {short_repr(value)}"
+                for key, value in _jsonable(dict(expect or {})).items() if key in saved and saved[key] != value]
+    changes = []
     for part, identity in (data or {}).items():
         if part not in meta.get("data", {}):
             continue  # a checkpoint written before data identities were recorded: nothing to compare
         recorded = dict(meta["data"][part], files=arrays.get(f"data/{part}/files"))
         change = identity_changes(recorded, identity)
         if change:
-            raise CheckpointError(f"checkpoint {path} was trained on other data: the {part} data has changed since "
-                                  f"({change}); resume with the data it was trained on, or start a new run in "
-                                  f"another folder")
+            changes.append(f"the {part} data has changed since ({change})")
+    if settings:
+        other_data = f"; and it was trained on other data: {'; '.join(changes)}" if changes else ""
+        raise CheckpointError(f"checkpoint {path} belongs to another run: {'; '.join(settings)}{other_data}; start "
+                              f"a new run in another folder, or without resuming")
+    if changes:
+        raise CheckpointError(f"checkpoint {path} was trained on other data: {'; '.join(changes)}; resume with the "
+                              f"data it was trained on, or start a new run in another folder")
     if batches_per_epoch is not None and meta["batch"] > batches_per_epoch:
         raise CheckpointError(f"checkpoint {path} stopped after batch {meta['batch']} of epoch {meta['epoch'] + 1}, "
                               f"but an epoch here has {batches_per_epoch} batches (the file was edited, or the data or "

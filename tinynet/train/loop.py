@@ -29,7 +29,6 @@ synchronisation per batch on the GPU.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import pathlib
 import time
@@ -40,6 +39,7 @@ from .. import backend
 from ..nn.module import no_grad
 from ..signals import deferred_signals
 from .checkpoint import load_checkpoint, save_checkpoint
+from .history import EpochStats, History  # noqa: F401  (History is part of this module's API)
 
 __all__ = ["fit", "evaluate", "predict", "EpochStats", "History", "NonFiniteLossError", "NonFiniteParametersError",
            "TrainingInterrupted"]
@@ -78,40 +78,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"saved to {checkpoint}" if checkpoint else "nothing saved (no checkpoint path)"
         when = f"after epoch {epoch}" if batch == 0 and epoch > 0 else f"in epoch {epoch + 1} after {batch} batches"
         super().__init__(f"interrupted {when}; {where}")
-
-
-@dataclasses.dataclass
-class EpochStats:
-    epoch: int  # 1-based
-    train_loss: float
-    train_acc: float
-    val_loss: float | None
-    val_acc: float | None
-    seconds: float
-    images_per_second: float
-    lr: float
-    skipped_batches: int = 0
-    val_top5: float | None = None  # with more than 5 classes
-
-
-@dataclasses.dataclass
-class History:
-    epochs: list = dataclasses.field(default_factory=list)
-
-    @property
-    def best_epoch(self):
-        """The epoch (1-based) with the highest validation accuracy (the first on ties), or None."""
-        scored = [e for e in self.epochs if e.val_acc is not None]
-        if not scored:
-            return None
-        return max(scored, key=lambda e: (e.val_acc, -e.epoch)).epoch
-
-    def to_dict(self) -> dict:
-        return {"epochs": [dataclasses.asdict(e) for e in self.epochs], "best_epoch": self.best_epoch}
-
-    @classmethod
-    def from_dict(cls, data) -> "History":
-        return cls([EpochStats(**e) for e in (data or {}).get("epochs", [])])
 
 
 def _as_device(x, device):
@@ -186,9 +152,18 @@ def predict(model, loader, device: str = "cpu", features: bool = False):
     return np.concatenate(out)
 
 
+#: Steps timed for fit's up-front estimate, after one warm-up step (the first allocates every buffer).
+ESTIMATE_STEPS = 3
+
+
 def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every, on_nan, progress, state,
-                 checkpoint):
-    """One epoch from batch ``state["batch"]`` on; keeps its running sums in ``state`` (read on Ctrl-C)."""
+                 checkpoint, estimate=None, threads=None):
+    """One epoch from batch ``state["batch"]`` on; keeps its running sums in ``state`` (read on Ctrl-C).
+
+    ``estimate``: called once as ``estimate(seconds_per_step, steps_done_in_this_epoch)`` after the warm-up
+    step and :data:`ESTIMATE_STEPS` timed ones, if the epoch has that many.
+    """
+    timed_from = None
     model.train()
     start_batch = state["batch"]
     xp = np
@@ -234,6 +209,15 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, epoch, *, log_every,
                     model.release_saved()
                 raise
             bar.update(1)
+            if threads is not None:
+                threads.tick()  # a busy machine: fewer threads (tinynet.cores)
+            if estimate is not None and batch - start_batch in (0, ESTIMATE_STEPS):
+                backend.synchronize(xd)  # once at each end of the timed steps: the GPU's queue is drained
+                if timed_from is None:
+                    timed_from = time.perf_counter()
+                else:
+                    estimate((time.perf_counter() - timed_from) / ESTIMATE_STEPS, batch + 1)
+                    estimate = None
             if (batch + 1) % log_every == 0 or batch + 1 == len(loader):
                 if first_bad is not None and int(first_bad) < len(loader):  # one read-back per interval
                     raise NonFiniteLossError(epoch, int(first_bad), float("nan"), checkpoint)
@@ -275,7 +259,7 @@ def _restore_buffers(saved) -> None:
 def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 10, *, device: str = "cpu",
         scheduler=None, checkpoint_path=None, resume: bool = False, on_nan: str = "stop", log_every: int = 10,
         progress: bool = True, extra=None, log=print, time_budget: float | None = None,
-        on_epoch_end=None, distributed=None, data_identity=None) -> History:
+        on_epoch_end=None, distributed=None, data_identity=None, threads=None) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the :class:`History`.
 
     Parameters
@@ -314,6 +298,9 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         checkpoint; resuming on data that differs is refused, saying what
         changed.  Whatever it is given, resuming refuses a checkpoint that
         stopped past the end of an epoch of ``train_loader``.
+    threads : a :class:`tinynet.cores.ThreadGovernor`, or None: told after every
+        step, so that ``threads="auto"`` gives cores back to other programs
+        while they need them (and takes them again after).
     """
     if on_nan not in ("stop", "skip"):
         raise ValueError(f"fit: on_nan must be 'stop' or 'skip', got {on_nan!r}")
@@ -347,11 +334,25 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         history = History.from_dict(meta.get("history"))
         start_epoch, start_batch = meta["epoch"], meta["batch"]
         saved_partial = meta["extra"].get("_partial_epoch") if start_batch else None
-        where = f"epoch {start_epoch + 1}, batch {start_batch + 1}" if start_batch else f"epoch {start_epoch + 1}"
-        log(f"resumed from {checkpoint_path}: continuing at {where} of {epochs}")
+        in_all = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+        if start_epoch >= epochs:
+            log(f"resumed from {checkpoint_path}: all {in_all} already trained; nothing left to train (a larger "
+                f"--epochs trains more)")
+        elif start_batch:  # "batch b of B" counts this epoch's batches; the run's epochs are said apart
+            log(f"resumed from {checkpoint_path}: continuing at epoch {start_epoch + 1}, batch {start_batch + 1} of "
+                f"{len(train_loader)} ({in_all} in all)")
+        else:
+            log(f"resumed from {checkpoint_path}: continuing at epoch {start_epoch + 1} of {epochs}")
     extra = dict(extra or {})
     last_good = checkpoint_path if (checkpoint_path and checkpoint_path.exists()) else None
     fit_started, longest_epoch = time.perf_counter(), 0.0
+
+    def estimate(step_seconds, done_in_epoch):
+        steps_left = len(train_loader) - done_in_epoch + (epochs - epoch - 1) * len(train_loader)
+        history.estimated_seconds = time.perf_counter() - fit_started + steps_left * step_seconds
+        log(f"estimate: {step_seconds:.3g} s a training step ({ESTIMATE_STEPS} steps timed), so about "
+            f"{_duration(history.estimated_seconds)} of training steps for this run's {epochs - start_epoch} "
+            f"epoch{'s' if epochs - start_epoch != 1 else ''}, validation not counted")
 
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader, "set_epoch"):
@@ -364,7 +365,8 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
         started = time.perf_counter()
         try:
             _train_epoch(model, train_loader, loss_fn, optimizer, device, epoch, log_every=log_every,
-                         on_nan=on_nan, progress=progress, state=state, checkpoint=last_good)
+                         on_nan=on_nan, progress=progress, state=state, checkpoint=last_good,
+                         estimate=estimate if epoch == start_epoch else None, threads=threads)
             seconds = time.perf_counter() - started
             val = evaluate(model, val_loader, loss_fn, device) if val_loader is not None else None
         except KeyboardInterrupt:
@@ -416,6 +418,11 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
             raise TrainingInterrupted(checkpoint_path if writes else None, epoch + 1, 0) from None
         elapsed = time.perf_counter() - fit_started
         longest_epoch = max(longest_epoch, time.perf_counter() - started)  # training, validation, checkpoint
+        if history.estimated_seconds is None and epoch == start_epoch and epoch + 1 < epochs:
+            # too few batches to time steps within the epoch: the first whole epoch is the measure
+            history.estimated_seconds = elapsed + (epochs - epoch - 1) * longest_epoch
+            log(f"estimate: {longest_epoch:.1f} s an epoch, so about {_duration(history.estimated_seconds)} for "
+                f"this run's {epochs - start_epoch} epochs")
         if distributed is not None and time_budget is not None:  # one decision for all ranks: rank 0's clock
             elapsed, longest_epoch = distributed.agree((elapsed, longest_epoch))
         if time_budget is not None and epoch + 1 < epochs and elapsed + longest_epoch > time_budget:
@@ -423,6 +430,15 @@ def fit(model, optimizer, loss_fn, train_loader, val_loader=None, epochs: int = 
                 f"{longest_epoch:.0f} s) would end past the budget of {time_budget:.0f} s ({elapsed:.0f} s used)")
             break
     return history
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a duration: "42 s", "3.5 min", "2.1 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _save_if_finite(path, model, optimizer, scheduler, *, epoch, batch=0, history, extra, last_good, data=None):

@@ -270,11 +270,11 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
     kernel = tuple(w_shape[2:])
     if not winograd_applies(kernel, stride, groups):
         return "im2col"
+    if backend.is_cupy_array(x):  # before the forced choice: Winograd is a CPU algorithm here
+        return "im2col"
     forced = getattr(_forced, "name", "auto")
     if forced != "auto":
         return forced
-    if backend.is_cupy_array(x):
-        return "im2col"
     n, c, h, w = x.shape
     out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
     work = c * w_shape[0] * n * out_pixels

@@ -23,7 +23,7 @@ from ... import backend, kernels
 from .threads import for_channel_blocks
 
 __all__ = ["BatchNormTrainCache", "BatchNormEvalCache", "batch_norm_forward_train", "batch_norm_backward_train",
-           "batch_norm_forward_eval", "batch_norm_backward_eval"]
+           "batch_norm_input_grad", "batch_norm_forward_eval", "batch_norm_backward_eval"]
 
 
 class BatchNormTrainCache(NamedTuple):
@@ -132,17 +132,23 @@ _BATCH_NORM_BACKWARD_DX = kernels.define(
     """)
 
 
-def _input_grad_fused(dy2, xhat, k, dbeta, dgamma, dx2):
-    """The GPU twin of :func:`_input_grad`, in one pass."""
-    m = dy2.shape[1]
-    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / m, dgamma / m, m, dx2)
+def _input_grad_fused(dy2, xhat, k, dbeta, dgamma, dx2, count=None):
+    """The GPU twin of :func:`batch_norm_input_grad`, in one pass."""
+    m = dy2.shape[1]  # the kernel's row length
+    count = m if count is None else count
+    return _BATCH_NORM_BACKWARD_DX(dy2, xhat, k, dbeta / count, dgamma / count, m, dx2)
 
 
 @kernels.fused(_input_grad_fused)
-def _input_grad(dy2, xhat, k, dbeta, dgamma, dx2):
-    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``, into ``dx2``."""
+def batch_norm_input_grad(dy2, xhat, k, dbeta, dgamma, dx2, count=None):
+    """``dx = k (dy - dbeta/M - xhat dgamma/M)`` for the (C, M) matrices, ``k = gamma / sqrt(var + eps)``, into ``dx2``.
+
+    ``M`` is ``count``, the number of values each channel's statistics were taken over: by default
+    the rows' length; SyncBatchNorm passes the count over every rank, with ``dbeta`` and ``dgamma``
+    summed over every rank (:mod:`tinynet.distributed.sync_batchnorm`).
+    """
     xp = backend.get_array_module(dy2)
-    m = dy2.shape[1]
+    m = dy2.shape[1] if count is None else count
     xp.multiply(xhat, (-k * dgamma / m)[:, None], out=dx2)
     dx2 += (-k * dbeta / m)[:, None]
     dx2 += dy2 * k[:, None]
@@ -154,7 +160,7 @@ def _backward_train_rows(dy2, xhat, k, dgamma, dbeta, dx2):
     xp = backend.get_array_module(dy2)
     dbeta[...] = dy2.sum(axis=1)
     dgamma[...] = _row_dots(dy2, xhat)
-    _input_grad(dy2, xhat, k, dbeta, dgamma, dx2)
+    batch_norm_input_grad(dy2, xhat, k, dbeta, dgamma, dx2)
 
 
 def batch_norm_backward_train(dy2, cache):
