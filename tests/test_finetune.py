@@ -15,9 +15,9 @@ from tinynet.io import load_into, save_weights
 from tinynet.models import resnet18
 from tinynet.nn.module import no_grad
 
-from tests_torch_models import torch_resnet18  # noqa: E402  (tests/ is on sys.path)
+torch = pytest.importorskip("torch", reason="PyTorch not installed: the fine-tune parity test is skipped")
 
-torch = pytest.importorskip("torch")
+from tests_torch_models import torch_resnet18  # noqa: E402  (tests/ is on sys.path; needs torch)
 
 
 def pretrained_file(path, rng, classes=7):

@@ -10,6 +10,7 @@ needs what the stand-in cannot give (CUDA numerics, several real GPUs) is marked
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -41,6 +42,8 @@ def cupy_module(request):
             pytest.skip("needs CuPy and a CUDA GPU (TINYNET_CUPY_STANDIN=0 turned the stand-in off)")
         yield backend._cupy
         return
+    if shutil.which("g++") is None:  # the stand-in runs the fused kernels' bodies as compiled C++
+        pytest.skip("the CuPy stand-in compiles the fused kernels' bodies with g++, which is not installed")
     import cupy_standin
 
     previous = cupy_standin.install()
