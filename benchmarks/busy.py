@@ -32,21 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cases import tinynet_train_step, torch_train_step  # noqa: E402
-from benchmarks.run import blas_info, cpu_name, isa  # noqa: E402
+from benchmarks.run import blas_info, cpu_name, isa, time_cpu  # noqa: E402
 from tinynet import cores  # noqa: E402
 
 
 def median_step(step, steps: int, warmup: int, tick=None) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        if tick is not None:
-            tick()
-    return statistics.median(times)
+    return statistics.median(time_cpu(step, warmup, steps, after=tick))
 
 
 def measure(model: str, args, n_cores: int, torch) -> dict:

@@ -114,7 +114,11 @@ def isa() -> str:
 # ---------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------
-def time_cpu(step, warmup: int, repeat: int) -> list:
+def time_cpu(step, warmup: int, repeat: int, after=None) -> list:
+    """Seconds of each of ``repeat`` runs of ``step`` after ``warmup`` untimed ones.
+
+    ``after()``, if given, runs untimed after each timed run (benchmarks/busy.py: the thread governor's tick).
+    """
     for _ in range(warmup):
         step()
     times = []
@@ -122,6 +126,8 @@ def time_cpu(step, warmup: int, repeat: int) -> list:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+        if after is not None:
+            after()
     return times
 
 

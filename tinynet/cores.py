@@ -71,14 +71,30 @@ def _own_busy_seconds() -> float:
     return t.user + t.system
 
 
+def _mark():
+    """``(wall clock, system busy seconds, own busy seconds)`` now: the start of a measurement."""
+    return time.perf_counter(), _system_busy_seconds(), _own_busy_seconds()
+
+
+def _others_since(mark):
+    """``(cores' worth of CPU the other processes used since mark, a new mark)``; None where unknown.
+
+    The system's busy time minus this process's own: what tinynet itself uses never counts.
+    """
+    now = _mark()
+    (t0, system0, own0), (t1, system1, own1) = mark, now
+    if system0 is None or system1 is None or t1 <= t0:
+        return None, now
+    return max(0.0, (system1 - system0) - (own1 - own0)) / (t1 - t0), now
+
+
 def other_processes_cores(seconds: float = SAMPLE_SECONDS):
     """How many cores' worth of CPU the other processes used over the next ``seconds`` (None: unknown)."""
-    system0, own0, t0 = _system_busy_seconds(), _own_busy_seconds(), time.perf_counter()
-    if system0 is None:
+    mark = _mark()
+    if mark[1] is None:
         return None
     time.sleep(seconds)
-    system1, own1, t1 = _system_busy_seconds(), _own_busy_seconds(), time.perf_counter()
-    return max(0.0, (system1 - system0) - (own1 - own0)) / (t1 - t0)
+    return _others_since(mark)[0]
 
 
 def free_cores(others, cores: int | None = None) -> int:
@@ -143,21 +159,17 @@ class ThreadGovernor:
             self.threads = self.mode
             self.reason = f"{self.threads} CPU thread{'s' if self.threads != 1 else ''} (--threads {self.mode})"
         set_threads(self.threads)
-        self._mark()
-
-    def _mark(self):
-        self._t, self._system, self._own = time.perf_counter(), _system_busy_seconds(), _own_busy_seconds()
+        self._since = _mark()
 
     def tick(self) -> None:
         """Called after every training step; looks at the machine again every ``recheck`` seconds ("auto")."""
-        if self.mode != "auto" or self.cores == 1 or self._system is None:
+        if self.mode != "auto" or self.cores == 1 or self._since[1] is None:
             return
-        now = time.perf_counter()
-        if now - self._t < self.recheck:
+        if time.perf_counter() - self._since[0] < self.recheck:
             return
-        system, own = _system_busy_seconds(), _own_busy_seconds()
-        others = max(0.0, (system - self._system) - (own - self._own)) / (now - self._t)
-        self._t, self._system, self._own = now, system, own
+        others, self._since = _others_since(self._since)
+        if others is None:
+            return
         wanted = free_cores(others, self.cores)
         if wanted != self.threads:
             self.log(f"threads: {self.threads} -> {wanted} (other programs used {others:.1f} of {self.cores} "
