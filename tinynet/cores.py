@@ -37,7 +37,7 @@ __all__ = ["available_cores", "other_processes_cores", "set_threads", "ThreadGov
 
 #: How long the first look at the machine lasts (it runs once, before training).
 SAMPLE_SECONDS = 0.25
-#: How often the governor looks again while training (a look costs ~0.1 ms).
+#: How often the governor looks again while training (a look, one read of /proc/stat and os.times, costs ~0.02 ms).
 RECHECK_SECONDS = 10.0
 #: A core counts as taken when other processes use at least this fraction of it on average.
 BUSY_THRESHOLD = 0.5
