@@ -60,7 +60,7 @@ def measure(model: str, args, n_cores: int, torch) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "cnn"], choices=["resnet18", "cnn"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "cnn"], choices=["resnet18", "cnn", "user cnn"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)

@@ -84,8 +84,21 @@ def model_macs(model, x_shape, training: bool) -> int:
 # ---------------------------------------------------------------------------
 # tinynet
 # ---------------------------------------------------------------------------
+def user_cnn(classes, size=64):
+    """The assignment's CNN as a user writes it: a plain Sequential, conv -> ReLU -> max pool (issue 23)."""
+    side = size // 16
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(128 * side * side, classes))
+
+
 def _tn_model(name, classes, size=64):
-    return simple_cnn(classes, image_size=size) if name == "cnn" else resnet18(classes)
+    models = {"cnn": lambda: simple_cnn(classes, image_size=size), "user cnn": lambda: user_cnn(classes, size),
+              "resnet18": lambda: resnet18(classes)}
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(models)}")
+    return models[name]()
 
 
 def tinynet_train_step(name, batch, size=64, classes=10):
@@ -183,7 +196,9 @@ def _torch_model(name, classes, size=64):
     sys.path.insert(0, str(ROOT / "tests"))
     from tests_torch_models import torch_cnn, torch_resnet18
 
-    return torch_cnn(classes, size) if name == "cnn" else torch_resnet18(classes)
+    if name not in ("cnn", "user cnn", "resnet18"):
+        raise ValueError(f"unknown model {name!r}")
+    return torch_cnn(classes, size) if name in ("cnn", "user cnn") else torch_resnet18(classes)
 
 
 def torch_train_step(name, batch, size=64, classes=10):
@@ -248,7 +263,7 @@ def torch_layer(make_layer, x_shape):
 # ---------------------------------------------------------------------------
 def all_cases(batch: int = 64, size: int = 64, classes: int = 10) -> list:
     cases = []
-    for name in ("cnn", "resnet18"):
+    for name in ("cnn", "user cnn", "resnet18"):
         tn_model = _tn_model(name, classes)
         shape = (batch, 3, size, size)
         cases.append(Case(f"{name} train step", "model", batch, model_macs(tn_model, shape, True),

@@ -341,7 +341,7 @@ def run_cases(args, device, torch, peak, tf32, memory) -> list:
             row["ratio"] = row["tinynet_ms"] / row["torch_ms"]
             del step
         if case.name.endswith("train step") and memory:
-            model = case.name.split()[0]
+            model = case.name[:-len(" train step")]  # "user cnn train step" -> "user cnn"
             row["tinynet_peak_mb"] = measure_memory("tinynet", model, device, args.batch)
             if torch is not None:
                 row["torch_peak_mb"] = measure_memory("torch", model, device, args.batch)

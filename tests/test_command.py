@@ -202,3 +202,221 @@ def test_checkpoint_refusal_names_every_changed_setting(tmp_path, capsys):
     status, _, err = call_main(capsys, "cnn", *quick, "--lr", "0.002", "--augment", "--resume")
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "its lr is 0.001, this run's is 0.002" in err and "its augment is False, this run's is True" in err
+
+
+# ---------------------------------------------------------------------------
+# export: the same parser and errors as the other subcommands
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "a.safetensors", "--out", "b.onnx", "--bogus"], "unrecognized arguments: --bogus (see --help)"),
+    ([], "the following arguments are required: --weights, --out (see --help)"),
+])
+def test_export_option_errors_are_one_line_like_every_subcommand(capsys, args, message):
+    """Before: plain argparse printed its usage line first, and no "(see --help)"."""
+    status, out, err = call(capsys, "export", *args)
+    assert status == 2 and out == "" and err == f"tinynet export: error: {message}\n", err
+
+
+def test_export_bad_paths_are_one_line_errors(capsys, tmp_path):
+    status, _, err = call(capsys, "export", "--weights", tmp_path / "missing.safetensors", "--out", tmp_path / "m.onnx")
+    assert status == 2 and err == f"tinynet export: error: model file {str(tmp_path / 'missing.safetensors')!r} " \
+                                  f"does not exist\n", err
+    status, _, err = call(capsys, "export", "--weights", tmp_path / "m.safetensors", "--out", tmp_path)
+    assert status == 2 and err.startswith(f"tinynet export: error: --out {str(tmp_path)!r} is a folder"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_help_is_a_description_not_a_docstring(capsys):
+    status, out, _ = call(capsys, "export", "--help")
+    assert status == 0 and "``" not in out and "Export the weights of a training run" in " ".join(out.split())
+
+
+# ---------------------------------------------------------------------------
+# --threads on predict and evaluate, as on train
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def thread_counts(monkeypatch):
+    """The thread counts tinynet.cores set (recorded, not applied: the test process keeps its threads)."""
+    import tinynet.cores
+
+    counts = []
+    monkeypatch.setattr(tinynet.cores, "set_threads", counts.append)
+    return counts
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_threads_bad_value_is_a_one_line_error(trained, tmp_path, capsys, thread_counts, command):
+    """Before: "unrecognized arguments: --threads many"."""
+    run, labelled = trained
+    status, _, err = call(capsys, command, "--weights", run / "best.safetensors", labelled, "--threads", "many",
+                          "--out" if command == "evaluate" else "--top-k", tmp_path / "eval" if command == "evaluate"
+                          else 1)
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err == f"tinynet {command}: error: --threads: expected 'auto' or a number of threads, got 'many'\n"
+    assert thread_counts == [] and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_threads_n_is_given_to_the_thread_governor(trained, tmp_path, capsys, thread_counts, monkeypatch, command,
+                                                   how):
+    run, labelled = trained
+    if how == "environment":
+        monkeypatch.setenv("TINYNET_THREADS", "1")
+    threads = ["--threads", "1"] if how == "option" else []
+    data, extra = (labelled, ["--out", tmp_path / "eval"]) if command == "evaluate" else (labelled / "3", [])
+    status, out, err = call(capsys, command, "--weights", run / "best.safetensors", data, *threads, *extra,
+                            "--no-progress")
+    assert status == 0, err
+    assert thread_counts == [1]
+    if command == "evaluate":
+        assert "threads: 1 CPU thread (--threads 1)" in out
+        result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+        assert result["threads_setting"] == "1" and result["config"]["threads"] == "1"
+    else:
+        assert "3 images classified, 0 skipped; 1 CPU thread (--threads 1)" in err
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_auto_threads_look_at_the_machine_after_every_batch(trained, tmp_path, capsys, thread_counts, monkeypatch,
+                                                            command):
+    """As in training, "auto" can give cores back during a long prediction (ThreadGovernor.tick per batch)."""
+    import tinynet.cores
+
+    run, labelled = trained
+    ticks = []
+    monkeypatch.setattr(tinynet.cores.ThreadGovernor, "tick", lambda self: ticks.append(self.mode))
+    extra = ["--out", tmp_path / "eval"] if command == "evaluate" else []
+    status, _, err = call(capsys, command, "--weights", run / "best.safetensors", labelled, "--batch-size", 4,
+                          "--threads", "auto", *extra, "--no-progress")
+    assert status == 0, err
+    assert ticks == ["auto"] * 8  # 30 images in batches of 4
+    assert len(thread_counts) == 1
+
+
+# ---------------------------------------------------------------------------
+# predict --onnx --device cuda: onnxruntime's CUDA provider, never CuPy (issue 22, defect 6)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    run, _ = trained
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert main(["export", "--weights", str(run / "best.safetensors"), "--out", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_onnx_on_cuda_without_the_cuda_provider_says_so_not_cupy(exported, trained, tmp_path, capsys, monkeypatch,
+                                                                   command):
+    """Before: "device 'cuda' needs CuPy, which could not be imported", though onnxruntime never uses CuPy."""
+    import onnxruntime
+
+    _, labelled = trained
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    extra = ["--out", tmp_path / "eval"] if command == "evaluate" else []
+    status, _, err = call(capsys, command, "--onnx", exported, "--device", "cuda", labelled, *extra)
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "CuPy" not in err and "cupy" not in err, err
+    assert ("--device cuda with --onnx runs the graph on onnxruntime's CUDAExecutionProvider, which this "
+            f"onnxruntime ({onnxruntime.__version__}) does not have (it has CPUExecutionProvider); install the "
+            "onnxruntime-gpu package in its place, or leave out --device to run on the CPU") in err
+
+
+class _FakeSessions:
+    """onnxruntime.InferenceSession recorded: the providers and threads asked for; runs on the CPU, and says it
+    got the providers in ``started``."""
+
+    def __init__(self, onnxruntime, started):
+        self.asked, self.threads, self.real, self.started = [], [], onnxruntime.InferenceSession, started
+
+    def __call__(self, path, sess_options=None, providers=None, **kwargs):
+        self.asked.append(list(providers))
+        self.threads.append(sess_options.intra_op_num_threads if sess_options is not None else None)
+        session = self.real(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+        started = self.started
+
+        class Session:
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def get_providers(self):
+                return [p for p in providers if p in started]
+        return Session()
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_onnx_on_cuda_asks_onnxruntime_for_its_cuda_provider(exported, trained, capsys, monkeypatch, starts):
+    """With a CUDA-capable onnxruntime the session is asked for CUDAExecutionProvider (CuPy absent or not); a
+    provider that does not start is refused in one line (before: onnxruntime ran the graph on the CPU, with a warning)."""
+    import onnxruntime
+
+    _, labelled = trained
+    available = onnxruntime.get_available_providers()
+    sessions = _FakeSessions(onnxruntime, ["CUDAExecutionProvider", "CPUExecutionProvider"] if starts else available)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", sessions)
+    status, _, err = call(capsys, "predict", "--onnx", exported, "--device", "cuda", labelled / "3", "--no-progress")
+    assert sessions.asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    if starts:
+        assert status == 0 and "3 images classified" in err, err
+    else:
+        assert status == 2 and len(err.splitlines()) == 1, err
+        assert "CUDAExecutionProvider did not start" in err
+
+
+def test_onnx_threads_set_onnxruntimes_pool(exported, trained, capsys, monkeypatch, thread_counts):
+    """--threads N reaches onnxruntime's intra-op pool (before: checked, then ignored); auto leaves its default."""
+    import onnxruntime
+
+    _, labelled = trained
+    sessions = _FakeSessions(onnxruntime, ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", sessions)
+    for threads in ("1", "auto"):
+        status, _, err = call(capsys, "predict", "--onnx", exported, labelled / "3", "--threads", threads,
+                              "--no-progress")
+        assert status == 0, err
+    assert sessions.threads == [1, 0] and thread_counts == []  # 0: onnxruntime's own default
+    status, _, err = call(capsys, "predict", "--onnx", exported, labelled / "3", "--threads", "0")
+    assert status == 2 and "--threads: expected 'auto' or a number of threads from 1 to 1024, got 0" in err
+
+
+# ---------------------------------------------------------------------------
+# evaluate: an evaluation's report, class folders at any depth
+# ---------------------------------------------------------------------------
+def test_evaluate_report_is_an_evaluations_page_with_file_names(trained, tmp_path, capsys):
+    """Before: the training page's headings (split 0 / 0 / 30, "0 epochs", "last epoch's weights", an empty "Data"
+    section) and no file names under the mistakes."""
+    import re
+
+    run, labelled = trained
+    status, _, err = call(capsys, "evaluate", "--weights", run / "best.safetensors", labelled, "--out", tmp_path / "e",
+                          "--no-progress")
+    assert status == 0, err
+    page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
+    result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert "<h1>tinynet evaluation: best.safetensors on " in page and "without training" in page
+    for training_only in ("tinynet run", "epoch", "split", "Training", "<h2>Data</h2>", "Features", "Test set"):
+        assert training_only not in page, training_only
+    assert "Confusion matrix (the evaluated folder)" in page and "Per class (the evaluated folder)" in page
+    matrix = np.array(result["test"]["confusion_matrix"])
+    mistakes = min(16, int(matrix.sum() - np.trace(matrix)))
+    files = re.findall(r"<span class='source'>([^<]*)</span>", page)
+    assert page.count("predicted: ") == mistakes == len(files)
+    assert all(re.fullmatch(r"\d/img\d\.png", name) for name in files), files
+
+
+def test_evaluate_takes_the_class_from_the_class_folder_at_any_depth(trained, tmp_path, capsys):
+    """Before: an image in labelled/3/more/ was given the class of "more" (not a class): a ValueError traceback."""
+    import shutil
+
+    run, labelled = trained
+    shutil.copytree(labelled, tmp_path / "data")
+    (tmp_path / "data" / "3" / "more").mkdir()
+    shutil.copy(labelled / "3" / "img0.png", tmp_path / "data" / "3" / "more" / "again.png")
+    status, _, err = call(capsys, "evaluate", "--weights", run / "best.safetensors", tmp_path / "data",
+                          "--out", tmp_path / "e", "--no-progress")
+    assert status == 0, err
+    result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert result["images"] == 31 and result["test"]["per_class"]["3"]["support"] == 4

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # the worker, started by mpiexec, imports tinynet
     sys.path.insert(0, str(ROOT))
 
 import tinynet  # noqa: E402
-from tinynet import distributed, nn, optim  # noqa: E402
+from tinynet import backend, distributed, nn, optim  # noqa: E402
 from tinynet.data import ArrayDataset, DataLoader  # noqa: E402
 from tinynet.gradcheck import gradcheck  # noqa: E402
 from tinynet.models import resnet18, simple_cnn  # noqa: E402
@@ -63,13 +63,15 @@ def make_model(kind, seed=0, width=64):
 
 
 def train_steps(net, optimizer, loader, steps=STEPS):
+    """``steps`` SGD steps on ``loader``'s batches (NumPy or CuPy), fed in the net's dtype; the state, on the host."""
     loss_fn = nn.CrossEntropyLoss()
+    dtype = next(iter(net.parameters())).dtype
     for _, (x, y) in zip(range(steps), loader):
         optimizer.zero_grad()
-        loss_fn(net(x.astype(np.float64)), y)
+        loss_fn(net(x.astype(dtype)), y)
         net.backward(loss_fn.backward())
         optimizer.step()
-    return {k: np.array(v) for k, v in net.state_dict().items()}
+    return {k: np.array(backend.to_numpy(v)) for k, v in net.state_dict().items()}
 
 
 @functools.lru_cache(maxsize=None)

@@ -217,3 +217,38 @@ def test_models_running_the_pool_first_match_the_listed_order(model_name):
     np.testing.assert_array_equal(dx, dx_ref)
     for k, v in grads().items():
         np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+
+def _user_cnn():
+    """A CNN as a user writes it: conv -> ReLU -> max pool, an in-place ReLU, an overlapping pool."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).double()
+
+
+@pytest.mark.parametrize("switch_before_backward", [False, True])
+def test_any_sequential_runs_each_relu_after_its_max_pool_bit_for_bit(rng, switch_before_backward):
+    """Issue 23: the reordering is automatic for a user's Sequential, not only for simple_cnn."""
+    model = _user_cnn()
+    order = model._run_order()
+    assert [type(m).__name__ for m in order[:6]] == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU"]
+    x = _awkward_input(rng, (2, 3, 16, 16), np.float64)
+    x[-1, -1, 1, 2] = 0.5  # no NaN: it would make every gradient NaN
+    g = rng.standard_normal((2, 5))
+
+    def grads():
+        return {k: p.grad.copy() for k, p in model.named_parameters()}
+
+    model.zero_grad()
+    out_ref, dx_ref = _run_in_order(list(model), x, g)
+    ref = grads()
+    model.zero_grad()
+    out = model(x)
+    with tinynet.fast_path(not switch_before_backward):  # the backward follows the forward's order
+        dx = model.backward(g)
+    np.testing.assert_array_equal(out, out_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k, v in grads().items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)
+    with tinynet.fast_path(False):
+        assert model._run_order() == list(model)  # the plain path runs the layers as written

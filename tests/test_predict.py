@@ -120,6 +120,26 @@ def test_predict_on_held_back_photos_matches_evaluate(trained, tmp_path):
     print(f"predict.py on {len(files)} held-back photos: accuracy {accuracy:.4f} (evaluate: {scored['accuracy']:.4f})")
 
 
+def test_report_names_the_file_of_each_mistake(trained):
+    """Before: the mistakes gallery of a run on a folder showed each photo and its classes, but not its file."""
+    import html
+    import re
+
+    out, photos, metrics, _ = trained
+    page = (out / "report.html").read_text(encoding="utf-8")
+    dataset, test_idx = held_back(photos)
+    test_files = {str(Path(dataset.samples[i]).relative_to(photos)) for i in test_idx}
+    shown = re.findall(r"<span class='source'>([^<]*)</span>", page)
+    matrix = np.array(metrics["test"]["confusion_matrix"])
+    assert len(shown) == page.count("predicted: ") == min(16, int(matrix.sum() - np.trace(matrix))) > 0
+    assert {html.unescape(name) for name in shown} <= test_files
+    for name in shown:  # under the photo of its true class
+        true = re.search(r"true: (\d)<br>[^<]*<span class='wrong'>[^<]*</span><br>[^<]*<br><span class='source'>"
+                         + re.escape(name), page)
+        assert true and name.startswith(true.group(1) + "/"), name
+    assert f"Files relative to the data folder {html.escape(str(photos.resolve()), quote=True)}" in page
+
+
 def test_predictions_do_not_depend_on_the_batch_size(trained):
     out, photos, _, _ = trained
     model, meta = load_model(out / "last.safetensors")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinynet.report import confident_mistakes
+from tinynet.report import confident_mistakes, mistakes_gallery, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -59,6 +59,79 @@ def test_report_is_self_contained_and_complete(resnet_run):
     mistakes = int(matrix.sum() - np.trace(matrix))
     assert page.count("predicted: ") == min(16, mistakes)
     assert len(sources) == len(metrics["figures"]) + min(16, mistakes)
+
+
+def test_report_of_the_bundled_digits_says_what_the_data_was(resnet_run):
+    """Before: the configuration table read "data null", and the mistakes had no name."""
+    out, metrics = resnet_run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert metrics["config"]["data"] is None
+    assert "null" not in page
+    described = f"bundled scikit-learn digits ({metrics['images']} of its 1,797 images, rendered to 32x32 RGB)"
+    assert f"<h1>tinynet run: resnet on {described}</h1>" in page
+    assert f"<tr><td>data</td><td>none: {described}</td></tr>" in page
+    # each mistake named by its index in the data set, which has no files
+    indices = re.findall(r"<span class='source'>#(\d+)</span>", page)
+    assert len(indices) == page.count("predicted: ") and all(int(i) < metrics["images"] for i in indices)
+    assert "1 epoch;" in page and "1 epochs" not in page
+
+
+class AlwaysFirstClass:
+    """A model whose every answer is class 0, with 90 % confidence: every image of another class is a mistake."""
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, x):
+        logits = np.zeros((len(x), 2), dtype=np.float32)
+        logits[:, 0] = np.log(9.0)
+        return logits
+
+
+def test_mistakes_gallery_names_each_file_relative_to_the_data_folder(tmp_path):
+    """Before: the gallery showed the image and the classes, but not which file it was."""
+    from tinynet.data import DataLoader, ImageFolder
+
+    names = ["plain.png", "<b>bold<b> & 'quoted'.png", "esc\x1b[31m.png"]
+    for folder in ("cat", "dog"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "data" / folder / name)
+    dataset = ImageFolder(tmp_path / "data", size=8)
+    indices = np.arange(len(dataset))
+    mistakes = mistakes_gallery(AlwaysFirstClass(), dataset, indices, DataLoader(dataset, indices, 4), dataset.classes)
+    assert sorted(m["file"] for m in mistakes) == sorted(os.path.join("dog", name) for name in names)
+    assert {m["true"] for m in mistakes} == {"dog"} and {m["predicted"] for m in mistakes} == {"cat"}
+
+    result = {"model": "cnn", "data": str(tmp_path / "data"), "classes": dataset.classes, "images": len(dataset),
+              "split": {"train": 0, "validation": 0, "test": len(dataset)}, "history": {"epochs": []},
+              "test": {"accuracy": 0.5, "f1_weighted": 0.33, "per_class": {}}, "config": {"data": "data"}}
+    page = write_report(tmp_path, result, mistakes).read_text(encoding="utf-8")
+    shown = re.findall(r"<span class='source'>([^<]*)</span>", page)
+    assert sorted(shown) == sorted(html.escape(os.path.join("dog", name).replace("\x1b", "\\x1b"), quote=True)
+                                   for name in names)
+    assert "<b>" not in page and "\x1b" not in page
+
+
+def test_an_evaluation_page_leaves_out_what_it_has_no_data_for(tmp_path):
+    """Before: an evaluation's page had the training page's sections ("Training", "Data", "Test set", epochs)."""
+    result = {"kind": "evaluation", "model": "resnet", "weights": "runs/resnet/best.safetensors",
+              "data": "/photos/labelled", "classes": ["cat", "dog"], "images": 2, "skipped_files": 0,
+              "test": {"accuracy": 1.0, "f1_weighted": 1.0,
+                       "per_class": {"cat": {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 1},
+                                     "dog": {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 1}}},
+              "figures": [], "config": {"weights": "runs/resnet/best.safetensors", "data": "/photos/labelled"}}
+    page = write_report(tmp_path, result).read_text(encoding="utf-8")
+    assert "<h1>tinynet evaluation: best.safetensors on /photos/labelled</h1>" in page
+    assert re.findall(r"<h2>([^<]*)</h2>", page) == ["Result", "Errors", "Most confident mistakes", "Configuration"]
+    assert "<p>None: every image was classified correctly.</p>" in page
+    for absent in ("epoch", "split", "test set", "Test set", "<img"):
+        assert absent not in page, absent
 
 
 def test_confident_mistakes_are_ordered_by_confidence():

@@ -146,13 +146,13 @@ def test_layer_buffers_two_calls_before_backward(m, rng):
         free = list(layer._free_cols)
         assert len(free) == 2 and free[0].shape == winograd.v_shape(x1.shape, (1, 1), m)
         out = layer(x1)
-        assert any(np.shares_memory(layer._saved[-1][0].V, f) for f in free)
+        assert any(np.shares_memory(layer._saved[-1][1][0].V, f) for f in free)
         np.testing.assert_allclose(out, reference.conv2d(x1, w, b, (1, 1), (1, 1)), rtol=1e-10, atol=1e-10)
         layer.release_saved()
     # Switching algorithm between calls: the other algorithm's buffer is dropped, results still right.
     with conv.algorithm("im2col"):
         out = layer(x2)
-        assert isinstance(layer._saved[-1][0], conv.ConvCache)
+        assert isinstance(layer._saved[-1][1][0], conv.ConvCache)
         np.testing.assert_allclose(layer.backward(d2), reference.conv2d_grads(x2, w, d2, (1, 1), (1, 1))[0],
                                    rtol=1e-10, atol=1e-10)
 
@@ -250,7 +250,7 @@ def test_strided_and_grouped_layers_run_im2col_even_when_forced(rng):
         x = rng.standard_normal((2, 4, 7, 6))
         with conv.algorithm("winograd_f2"):
             out = layer(x)
-        assert isinstance(layer._saved[-1][0], conv.ConvCache)
+        assert isinstance(layer._saved[-1][1][0], conv.ConvCache)
         expected = reference.conv2d(x, layer.weight.data, layer.bias.data, layer.stride, layer.padding,
                                     layer.groups)
         np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)

@@ -48,6 +48,7 @@ __all__ = [
     "set_num_threads",
     "parallel_for",
     "cuda_collectives",
+    "gpu_info",
 ]
 
 _INSTALL_HINT = (
@@ -180,6 +181,45 @@ def synchronize(x=None) -> None:
             _cupy.cuda.get_current_stream().synchronize()
 
 
+def gpu_info() -> dict:
+    """The current GPU and the CUDA software around it, for a run's metrics (empty without a GPU).
+
+    ``gpu`` (the model's name), ``gpu_memory_gib``, ``compute_capability``,
+    ``cuda_driver`` and ``cuda_runtime`` (the versions CUDA reports, as
+    "13.0"), ``cupy``.  An item that cannot be read holds the error instead:
+    a run's metrics are never lost to it.
+    """
+    if not gpu_available():
+        return {}
+    runtime = _cupy.cuda.runtime
+
+    def version(code: int) -> str:  # CUDA encodes versions as 1000 * major + 10 * minor
+        return f"{code // 1000}.{code % 1000 // 10}"
+
+    def properties():
+        return runtime.getDeviceProperties(runtime.getDevice())
+
+    items = {
+        "gpu": lambda: _text(properties()["name"]),
+        "gpu_memory_gib": lambda: round(properties()["totalGlobalMem"] / 2 ** 30, 1),
+        "compute_capability": lambda: f"{properties()['major']}.{properties()['minor']}",
+        "cuda_driver": lambda: version(runtime.driverGetVersion()),
+        "cuda_runtime": lambda: version(runtime.runtimeGetVersion()),
+        "cupy": lambda: _cupy.__version__,
+    }
+    info = {}
+    for key, read in items.items():
+        try:
+            info[key] = read()
+        except Exception as error:  # recorded, not raised
+            info[key] = f"unknown ({type(error).__name__}: {error})"
+    return info
+
+
+def _text(name) -> str:
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
 def check_same_device(x, reference, where: str) -> None:
     """Raise a clear error when ``x`` and ``reference`` live on different devices."""
     if is_cupy_array(x) != is_cupy_array(reference):
@@ -262,6 +302,8 @@ def cuda_collectives():
 
     Returns a namespace with ``nccl`` (``cupy.cuda.nccl``), ``stream_pointer()``
     (the current stream's handle, on which the collectives are queued),
+    ``record_event()`` (a CUDA event recorded on that stream now: its ``done``
+    says, without blocking, whether the GPU has run all queued before it),
     ``use_device(i)`` and ``device_count()``.  Raises RuntimeError without
     CuPy, a GPU or NCCL.
     """
@@ -276,5 +318,7 @@ def cuda_collectives():
     if not getattr(nccl, "available", True):
         raise RuntimeError("CuPy was built without NCCL support; multi-GPU training needs it")
     return types.SimpleNamespace(nccl=nccl, stream_pointer=lambda: _cupy.cuda.get_current_stream().ptr,
+                                 record_event=lambda: _cupy.cuda.get_current_stream().record(
+                                     _cupy.cuda.Event(disable_timing=True)),
                                  use_device=lambda i: _cupy.cuda.Device(i).use(),
                                  device_count=_cupy.cuda.runtime.getDeviceCount)

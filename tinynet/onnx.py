@@ -49,7 +49,8 @@ from .nn import (AdaptiveAvgPool2d, AvgPool2d, BasicBlock, BatchNorm1d, BatchNor
                  Identity, Linear, MaxPool2d, ReLU, Sequential, Softmax)
 from .nn.module import Module, no_grad
 
-__all__ = ["OPSET", "MIN_OPSET", "MAX_INPUT_VALUES", "ExportError", "OnnxUnavailable", "export", "load", "onnx_forward"]
+__all__ = ["OPSET", "MIN_OPSET", "MAX_INPUT_VALUES", "ExportError", "OnnxUnavailable", "ProviderUnavailable", "export",
+           "load", "onnx_forward"]
 
 OPSET = 17  # every operator used here has had its current definition since opset 15 or earlier
 
@@ -60,6 +61,10 @@ class ExportError(ValueError):
 
 class OnnxUnavailable(ImportError):
     """The optional ``onnx`` / ``onnxruntime`` packages are not installed."""
+
+
+class ProviderUnavailable(RuntimeError):
+    """``device="cuda"`` and onnxruntime has no CUDA provider, or it did not start (not the file's fault)."""
 
 
 def _require(module: str):
@@ -322,16 +327,31 @@ def export(model, path, input_shape, *, metadata: dict | None = None, opset: int
     return proto
 
 
-def load(path, device: str = "cpu"):
+def load(path, device: str = "cpu", threads: "int | None" = None):
     """``(session, meta)``: an onnxruntime session for the ONNX file ``path`` and its metadata (JSON-decoded).
 
-    ``device="cuda"`` asks for onnxruntime's CUDA provider, falling back to the CPU where it has none.
+    ``device="cuda"`` runs the graph on onnxruntime's CUDA provider (the ``onnxruntime-gpu``
+    package; CuPy plays no part): :class:`ProviderUnavailable` where onnxruntime has none or it
+    does not start, rather than a silent run on the CPU.  ``threads``: onnxruntime's intra-op
+    thread count (None: its own default, one per core).
     """
     ort = _require("onnxruntime")
     providers = ["CPUExecutionProvider"]
-    if backend.normalize_device(device) == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    cuda = backend.normalize_device(device) == "cuda"
+    if cuda:
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise ProviderUnavailable(f"device {device!r}: this onnxruntime ({ort.__version__}) has no "
+                                      f"CUDAExecutionProvider (it has {', '.join(available)}); install "
+                                      f"onnxruntime-gpu in its place")
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    if cuda and "CUDAExecutionProvider" not in session.get_providers():
+        raise ProviderUnavailable(f"device {device!r}: onnxruntime's CUDAExecutionProvider did not start (no GPU, "
+                                  f"or a CUDA or cuDNN library missing; onnxruntime's own warning above says which)")
     raw = session.get_modelmeta().custom_metadata_map
     meta = {}
     for key, value in raw.items():

@@ -18,6 +18,7 @@ import pathlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .io.files import atomic_write
 
@@ -59,7 +60,9 @@ def plot_class_distribution(splits: dict, classes, path) -> pathlib.Path:
     ax.set_xticks(x, list(classes), rotation=45, ha="right", **PLAIN)
     ax.set_ylabel("images", **PLAIN)
     ax.set_title("Class distribution", **PLAIN)
-    _legend(ax)
+    # Outside the axes, right of the plot: inside, with every class about equally frequent, there is no free
+    # corner, and matplotlib's "best" place covers the last classes' bars.  The saved figure grows to hold it.
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
 
 
@@ -92,30 +95,61 @@ def plot_curves(history, path) -> pathlib.Path:
         if history.best_epoch is not None:
             ax.axvline(history.best_epoch, color="grey", ls=":", label=f"best epoch {history.best_epoch}")
         ax.set_xlabel("epoch", **PLAIN)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25, 1.5 on a short run
         ax.set_title(title, **PLAIN)
         ax.grid(alpha=0.3)
         _legend(ax)
     return _save(fig, path)
 
 
+#: The side of one confusion-matrix cell, in inches, as long as the counts are written in the cells: the figure
+#: grows with the class count, so that the numbers keep :data:`MATRIX_FONT_POINTS` (a 5-digit count fits).
+MATRIX_CELL_INCHES = 0.4
+#: The counts' font size, in points; class names are written at the same size.
+MATRIX_FONT_POINTS = 8
+#: The most classes whose counts are written in the cells (a 50 x 50 matrix is already 20 inches wide).
+MATRIX_MOST_ANNOTATED = 50
+#: Beyond :data:`MATRIX_MOST_ANNOTATED` classes the matrix keeps this side, in inches, and its cells shrink.
+MATRIX_LARGEST_SIDE = 20.0
+#: A matrix of few classes is drawn at least this large, in inches.
+MATRIX_SMALLEST_SIDE = 4.0
+
+
 def plot_confusion_matrix(matrix, classes, path, title: str = "Confusion matrix") -> pathlib.Path:
-    """Counts with class names; rows are true classes, columns predicted."""
+    """Counts with class names; rows are true classes, columns predicted.
+
+    The figure is laid out in inches around the matrix, rather than the
+    matrix shrunk into a fixed figure: each cell is :data:`MATRIX_CELL_INCHES`
+    wide (larger for few classes), so the counts keep a readable
+    :data:`MATRIX_FONT_POINTS` whatever the class count, up to
+    :data:`MATRIX_MOST_ANNOTATED` classes; beyond, the cells shrink to keep
+    the figure :data:`MATRIX_LARGEST_SIDE` inches wide and carry no numbers.
+    """
     matrix = np.asarray(matrix)
     k = len(classes)
-    fig = Figure(figsize=(max(5.0, 0.5 * k + 2), max(4.5, 0.5 * k + 1.5)))
-    ax = fig.add_subplot()
-    im = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xticks(range(k), list(classes), rotation=45, ha="right", fontsize=8, **PLAIN)
-    ax.set_yticks(range(k), list(classes), fontsize=8, **PLAIN)
+    annotate = k <= MATRIX_MOST_ANNOTATED
+    side = max(MATRIX_SMALLEST_SIDE, k * MATRIX_CELL_INCHES) if annotate else MATRIX_LARGEST_SIDE
+    cell_points = 72 * side / max(k, 1)
+    names_points = min(MATRIX_FONT_POINTS, 0.8 * cell_points)  # a name per row must fit its row
+    # Margins, in inches: the class names left and below (rotated), the title above, the colour bar right.
+    # Names longer than the margin still show: the figure is saved with bbox_inches="tight".
+    left, bottom, top, right = 1.6, 1.6, 0.6, 1.2
+    width, height = left + side + right, bottom + side + top
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+    im = ax.imshow(matrix, cmap="Blues", aspect="auto")  # the axes box is square: cells are square
+    colour_bar = fig.add_axes(((left + side + 0.2) / width, bottom / height, 0.2 / width, side / height))
+    fig.colorbar(im, cax=colour_bar).ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole
+    ax.set_xticks(range(k), list(classes), rotation=45, ha="right", fontsize=names_points, **PLAIN)
+    ax.set_yticks(range(k), list(classes), fontsize=names_points, **PLAIN)
     ax.set_xlabel("predicted", **PLAIN)
     ax.set_ylabel("true", **PLAIN)
     ax.set_title(title, **PLAIN)
-    if k <= 25:
+    if annotate:
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=MATRIX_FONT_POINTS,
                         color="white" if matrix[i, j] > threshold else "black", **PLAIN)
     return _save(fig, path)
 

@@ -402,7 +402,7 @@ def load_model(path, device: str = "cpu", max_bytes: int = None):
     return model, meta
 
 
-def load_onnx(path, device: str = "cpu"):
+def load_onnx(path, device: str = "cpu", threads: "int | None" = None):
     """``(forward, meta)`` for an ONNX file from ``examples/export_onnx.py``, its metadata checked.
 
     The other door to :func:`predict_files`: the graph's metadata
@@ -411,18 +411,19 @@ def load_onnx(path, device: str = "cpu"):
     that only rebuilding a tinynet model needs; and it must agree with the
     graph: an input of shape ``(N, 3, image_size, image_size)`` and an
     output with one value per class name.  ``forward`` is
-    :func:`tinynet.onnx.onnx_forward` of the onnxruntime session.
+    :func:`tinynet.onnx.onnx_forward` of the onnxruntime session (``device``
+    and ``threads`` as :func:`tinynet.onnx.load`'s).
     Raises :class:`ModelFileError` (one line, naming the file);
     :class:`tinynet.onnx.OnnxUnavailable` without onnxruntime.
     """
-    from .onnx import OnnxUnavailable, load, onnx_forward
+    from .onnx import OnnxUnavailable, ProviderUnavailable, load, onnx_forward
 
     where = _where(path)
     if not os.path.isfile(path):
         raise ModelFileError(f"ONNX file {where} does not exist")
     try:
-        session, meta = load(path, device)
-    except OnnxUnavailable:
+        session, meta = load(path, device, threads)
+    except (OnnxUnavailable, ProviderUnavailable):  # no onnxruntime, or no CUDA provider: not the file's fault
         raise
     except Exception as error:  # onnxruntime raises its own types for a file it cannot read
         reason = printable(" ".join(str(error).split()))

@@ -2,10 +2,12 @@
 
 tinynet's GPU path is its NumPy code run on ``cupy`` arrays, plus a few fused
 ``ElementwiseKernel``s.  CI has no GPU, so this package plays ``cupy``: it is
-installed as the ``cupy`` module by ``tests/gpu/conftest.py`` (for the tests in
+installed as the ``cupy`` module by ``tests/cupy_standin/pytest_plugin.py`` (for the tests in
 ``tests/gpu``) or, in a subprocess or under ``mpiexec``, by putting
 ``tests/cupy_standin/shim`` on ``PYTHONPATH`` with ``TINYNET_CUPY_STANDIN=1``
-(see :func:`standin_env`).  "Device memory" is host memory held by NumPy arrays.
+(see :func:`standin_env`).  "Device memory" is host memory held by NumPy arrays.  About 1,650
+lines of Python (this file, ``cuda.py``, ``_kernel.py``, the plugin and the shim), plus
+``cupy14_api.json`` (CuPy's names and signatures) and ``recorded_calls.json`` (for the replay).
 
 Strict where CuPy 14 is strict, so code that passes here does not fail on a GPU for these reasons:
 
@@ -13,34 +15,45 @@ Strict where CuPy 14 is strict, so code that passes here does not fail on a GPU 
   ("Implicit conversion to a NumPy array is not allowed...") as CuPy does;
 * the module has only the names ``cupy`` 14.2 exports, ndarray only CuPy's methods, each with
   CuPy's keyword signature (both from ``cupy14_api.json``, generated from CuPy's source by
-  ``generate_api.py``): a keyword NumPy accepts and CuPy does not raises TypeError;
+  ``generate_api.py``): a keyword NumPy accepts and CuPy does not raises TypeError; a NumPy
+  function with no CuPy twin, called on a CuPy array, raises TypeError (NumPy's dispatch);
 * ufuncs and functions refuse ``numpy.ndarray`` operands (and ufuncs refuse lists), so do the
-  operators (``cupy_array + numpy_array``); assigning a NumPy array into a slice raises;
+  operators (``cupy_array + numpy_array``); assigning a non-scalar NumPy array with basic indices
+  raises ValueError (CuPy hands it to ``fill``), with array indices it is copied over as in CuPy;
 * reductions and integer indexing return 0-d arrays, never host scalars;
 * ``ElementwiseKernel`` binds its arguments by CuPy's rules (argument count, type placeholders
   resolved from arrays only, exact dtypes for typed parameters, broadcasting of non-``raw``
   arrays, outputs given or allocated, ``size=``) and runs the real kernel body, compiled by g++
   as C++ (:mod:`._kernel`) and cached on disk;
 * ``cuda``: N fake devices (``TINYNET_CUPY_STANDIN_DEVICES``, default 1), ``Device``,
-  ``runtime``, ``Stream``, ``Event``, ``MemoryPool``; ``cuda.nccl`` runs collectives over MPI.
+  ``runtime`` (with a fake GPU name, CUDA 13.0 driver and runtime versions), ``Stream``,
+  ``Event``, ``MemoryPool``; ``cuda.nccl`` runs collectives over MPI, and as on a GPU a
+  collective is only queued by its call: it runs (and waits for the other ranks) at the host's
+  next synchronisation or before the next operation, so a rank left waiting by another waits
+  where it would on a GPU.
 
 Counters (:data:`stats`): host-device synchronisations (``float()``, ``int()``, ``bool()``,
 ``.item()``, ``.get()``, ``.tolist()``, ``asnumpy``, ``repr``, stream/event/device
-``synchronize``) each with the tinynet ``file:line`` that caused it; live and peak "device"
-bytes (buffers held by stand-in arrays, freed when the last view dies); "kernel launches"
+``synchronize`` and ``done``) each with the tinynet ``file:line`` that caused it; live and peak
+"device" bytes (buffers held by stand-in arrays, freed when the last view dies); "kernel launches"
 (every ufunc, reduction, copy, BLAS call and ElementwiseKernel: an estimate of CuPy's count,
-which may launch 0 or 2 kernels where this counts 1); and every entry point called, with its
-dtypes, ndims and keywords (:func:`entry_points`, replayed on real CuPy by
-``benchmarks/gpu_check_conformance.py``).
+which may launch 0 or 2 kernels where this counts 1); every entry point called, with its
+dtypes, ndims and keywords (:func:`entry_points`); and, when asked (:func:`record_calls`,
+``TINYNET_CUPY_STANDIN_CALLS``), one example of each call with its outcome, which
+``benchmarks/conformance_replay.py`` replays on a real CuPy to find where the two differ.
 
-What it cannot see (a real GPU must): compile errors of the kernels (NVRTC does: tests/test_kernels_nvrtc.py);
-CUDA numerics (cuBLAS, TF32, FMA contraction, ``sqrtf``/``expf`` ulps, summation order of CuPy's
-reductions: results here are NumPy's); streams and asynchrony (every operation is done when it
-returns, so a missing synchronisation is invisible, and so are hangs: a NCCL call here is an
-MPI call that waits); the memory pool and fragmentation (bytes counted are exact array bytes);
-speed; peer access between devices; float16 kernels; CuPy behaviours where its list of names
-is right but its semantics differ from NumPy's in ways not written here (e.g. out-of-range
-integer indices wrap in CuPy and raise here).
+What it cannot see (a real GPU must): compile errors of the kernels (NVRTC does:
+tests/test_kernels_nvrtc.py; g++ accepts C++ that NVRTC may not, and back); CUDA numerics
+(cuBLAS, TF32, FMA contraction, ``sqrtf``/``expf`` ulps, summation order of CuPy's reductions:
+results here are NumPy's); streams and asynchrony beyond NCCL's queue (every other operation is
+done when it returns, so a missing synchronisation between two streams is invisible, and so is a
+kernel that hangs); the memory pool and fragmentation (bytes counted are exact array bytes);
+speed, and the launch count is an estimate; peer access between devices (every fake device sees
+all memory); float16 kernels; NCCL's own failure modes (its collectives here are MPI's, on
+one machine); CuPy behaviours where its list of names is right but its semantics differ from
+NumPy's in ways not written here (e.g. out-of-range integer indices wrap in CuPy and raise here;
+CuPy's type promotion of Python scalars where it differs from NumPy 2's); and any call no test
+made (the replay checks only those).
 """
 from __future__ import annotations
 
@@ -52,6 +65,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import weakref
 
 import numpy
@@ -102,7 +116,9 @@ def _describe(v):
     return type(v).__name__
 
 
-def _record(name, args, kwargs):
+def _record(name, args, kwargs, flush=True):
+    if flush:  # the GPU runs this after the collectives queued before it (see cuda.py)
+        cuda.flush()
     stats.launches += 1
     stats.launch_names[name] += 1
     key = (name, tuple(_describe(a) for a in args), tuple(sorted(kwargs)))
@@ -124,6 +140,7 @@ def _caller():
 
 
 def _sync(kind):
+    cuda.flush()  # the host waits for what the device was given, NCCL's queued collectives included
     stats.syncs.append((kind, _caller()))
 
 
@@ -154,6 +171,105 @@ def _untrack(key, nbytes):
 
 
 # ---------------------------------------------------------------------------------------------
+# Calls, for the conformance replay (benchmarks/conformance_replay.py)
+# ---------------------------------------------------------------------------------------------
+#: With ``TINYNET_CUPY_STANDIN_CALLS=FOLDER`` (or after :func:`record_calls`) every entry point tinynet
+#: calls is kept: its name, its arguments (arrays as dtype and shape, other values as they are), its
+#: keywords and its outcome (what it returned, as dtypes and shapes, or the exception it raised).  One
+#: example per (name, argument dtypes/ndims, keyword names, returned or raised): the smallest.  Only the
+#: outermost call counts (``cupy.asnumpy`` calling ``ndarray.get`` is one call: ``asnumpy``).
+_calls: dict | None = None
+_calls_lock = threading.Lock()
+_inside = threading.local()  # .depth: how many traced calls this thread is in (each thread its own)
+
+
+def record_calls() -> dict:
+    """Start keeping calls (see ``_calls``); returns the dict they are kept in (key -> (size, example))."""
+    global _calls
+    if _calls is None:
+        _calls = {}
+    return _calls
+
+
+def recorded_calls() -> list:
+    """The calls kept so far, one example each, sorted by name and arguments."""
+    return [example for _, (_, example) in sorted((_call_key_text(k), v) for k, v in (_calls or {}).items())]
+
+
+def _call_key_text(key):
+    return json.dumps(key, default=str)
+
+
+def _traced(name, args, kwargs, call):
+    """``call()``; when calls are kept, it is one: ``name`` called with ``args`` and ``kwargs``."""
+    if _calls is None or getattr(_inside, "depth", 0):
+        return call()
+    _inside.depth = 1
+    try:
+        result = call()
+    except Exception as error:
+        _inside.depth = 0
+        _keep_call(name, args, kwargs, {"raises": type(error).__name__})
+        raise
+    _inside.depth = 0
+    _keep_call(name, args, kwargs, {"returns": _encode(result, values=False)})
+    return result
+
+
+def _keep_call(name, args, kwargs, outcome):
+    key = (name, [_describe(a) for a in args], sorted(kwargs), next(iter(outcome)))
+    example = {"name": name, "args": [_encode(a) for a in args],
+               "kwargs": {k: _encode(v) for k, v in sorted(kwargs.items())}, "outcome": outcome}
+    size = (_elements(example), json.dumps(example, sort_keys=True))
+    key = _call_key_text(key)
+    with _calls_lock:  # the loader's threads call CuPy too
+        if key not in _calls or size < _calls[key][0]:
+            _calls[key] = (size, example)
+
+
+def _elements(encoded) -> int:
+    """Array elements in an encoded value (to keep the smallest example)."""
+    if isinstance(encoded, dict):
+        own = int(numpy.prod(encoded["shape"])) if "shape" in encoded else 0
+        return own + _builtins.sum(_elements(v) for v in encoded.values() if isinstance(v, (dict, list)))
+    if isinstance(encoded, list):
+        return _builtins.sum(_elements(v) for v in encoded)
+    return 0
+
+
+def _encode(v, values=True):
+    """A JSON description of an argument (``values``) or of a result (dtypes, shapes and types only)."""
+    if isinstance(v, ndarray):
+        out = {"array": v.dtype.name, "shape": list(v.shape)}
+        if values and not v._a.flags.c_contiguous:
+            out["contiguous"] = False
+        return out
+    if isinstance(v, numpy.ndarray):
+        return {"host": v.dtype.name, "shape": list(v.shape)}
+    if isinstance(v, numpy.generic):
+        return {"scalar": v.dtype.name, "value": _encode(v.item())["value"]} if values else {"scalar": v.dtype.name}
+    if v is None:
+        return {"none": True}
+    if isinstance(v, (bool, int, float, complex, str)):
+        if not values:
+            return {"type": type(v).__name__}
+        value = ([v.real, v.imag] if isinstance(v, complex) else v) if not isinstance(v, float) else repr(v)
+        return {type(v).__name__: True, "value": value}
+    if isinstance(v, (list, tuple)):
+        if values and len(v) > 16 and _builtins.all(isinstance(x, (bool, int, float)) for x in v):
+            return {"host_list": numpy.asarray(v).dtype.name, "shape": [len(v)]}
+        return {type(v).__name__: [_encode(x, values) for x in v]}
+    if isinstance(v, slice):
+        return {"slice": [_encode(x) for x in (v.start, v.stop, v.step)]}
+    if v is Ellipsis:
+        return {"ellipsis": True}
+    if isinstance(v, numpy.dtype) or (isinstance(v, type) and issubclass(v, (numpy.generic, bool, int, float,
+                                                                              complex))):
+        return {"dtype": numpy.dtype(v).name}
+    return {"other": type(v).__name__}
+
+
+# ---------------------------------------------------------------------------------------------
 # Signatures from CuPy's source
 # ---------------------------------------------------------------------------------------------
 def _signature(spec):
@@ -180,6 +296,12 @@ def _check_call(where, sig, args, kwargs):
 # ---------------------------------------------------------------------------------------------
 # The array
 # ---------------------------------------------------------------------------------------------
+def _refused(name, args, kwargs):
+    """Keep a call of a NumPy function that no operand implements (NumPy then raises TypeError)."""
+    if _calls is not None and not getattr(_inside, "depth", 0):
+        _keep_call(name, args, kwargs, {"raises": "TypeError"})
+
+
 def _unsupported(v):
     return TypeError(f"Unsupported type {type(v)}")
 
@@ -223,10 +345,41 @@ def _wrap(r, outs=()):
     return r
 
 
+def _entry(name, method=True):
+    """Decorator: a CuPy entry point, kept by the call recorder (a method's ``self`` is its first argument)."""
+    def decorate(fn):
+        if method:
+            @functools.wraps(fn)
+            def call(self, *args, **kwargs):
+                return _traced(name, (self, *args), kwargs, lambda: fn(self, *args, **kwargs))
+        else:
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                return _traced(name, args, kwargs, lambda: fn(*args, **kwargs))
+        return call
+    return decorate
+
+
+def _ufunc_entry(suffix):
+    """Decorator: a ufunc's method, kept by the call recorder as ``<ufunc name><suffix>``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(self, *args, **kwargs):
+            return _traced(self.name + suffix, args, kwargs, lambda: fn(self, *args, **kwargs))
+        return call
+    return decorate
+
+
+#: data pointer -> the NumPy buffer behind it, for the pointers handed out by ``ndarray.data`` (NCCL's
+#: queued collectives keep their buffers alive through it, as CuPy's stream-ordered memory pool does)
+_pointers = weakref.WeakValueDictionary()
+
+
 class _MemoryPointer:
     def __init__(self, a, device):
         self.ptr = a.ctypes.data
         self.device_id = device
+        _pointers[self.ptr] = a
 
     @property
     def device(self):
@@ -280,32 +433,39 @@ class ndarray:
         self._a.shape = value
 
     # -- no implicit conversion
+    @_entry("ndarray.__array__")
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. "
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         func = _UFUNCS.get(ufunc.__name__)
+        name = f"numpy.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
         if func is None:
+            _refused(name, inputs, kwargs)
             return NotImplemented
         if "out" in kwargs:
             kwargs["out"] = kwargs["out"][0]
         if method == "__call__":
-            return func(*inputs, **kwargs)
-        return getattr(func, method)(*inputs, **kwargs)
+            return _traced(name, inputs, kwargs, lambda: func(*inputs, **kwargs))
+        return _traced(name, inputs, kwargs, lambda: getattr(func, method)(*inputs, **kwargs))
 
     def __array_function__(self, func, types, args, kwargs):
         module = sys.modules[__name__]
         for part in func.__module__.split(".")[1:]:
             module = getattr(module, part, None)
             if module is None:
+                _refused(f"{func.__module__}.{func.__name__}", args, kwargs)
                 return NotImplemented
         mine = getattr(module, func.__name__, None)
+        name = f"{func.__module__}.{func.__name__}"
         if mine is None or mine is func:
+            _refused(name, args, kwargs)
             return NotImplemented
-        return mine(*args, **kwargs)
+        return _traced(name, args, kwargs, lambda: mine(*args, **kwargs))
 
     # -- synchronising conversions
+    @_entry("ndarray.get")
     def get(self, stream=None, order="C", out=None, blocking=True):
         _record("ndarray.get", (self,), {})
         _sync("get")
@@ -314,6 +474,7 @@ class ndarray:
             return out
         return numpy.array(self._a, order=order, copy=True)
 
+    @_entry("ndarray.set")
     def set(self, arr, stream=None):
         _record("ndarray.set", (self,), {})
         stats.h2d += 1
@@ -321,10 +482,12 @@ class ndarray:
             raise ValueError("Shape mismatch. Old shape: {}, new shape: {}".format(self.shape, numpy.shape(arr)))
         self._a[...] = arr
 
+    @_entry("ndarray.item")
     def item(self):
         _sync("item")
         return self._a.item()
 
+    @_entry("ndarray.tolist")
     def tolist(self):
         _sync("tolist")
         return self._a.tolist()
@@ -335,15 +498,19 @@ class ndarray:
             raise TypeError("only length-1 arrays can be converted to Python scalars")
         return self._a.reshape(()).item()
 
+    @_entry("ndarray.__float__")
     def __float__(self):
         return float(self._scalar("float"))
 
+    @_entry("ndarray.__int__")
     def __int__(self):
         return int(self._scalar("int"))
 
+    @_entry("ndarray.__complex__")
     def __complex__(self):
         return complex(self._scalar("complex"))
 
+    @_entry("ndarray.__bool__")
     def __bool__(self):
         if self.size == 0:
             return False
@@ -370,6 +537,7 @@ class ndarray:
         return (array, (numpy.array(self._a),))
 
     # -- copies
+    @_entry("ndarray.copy")
     def copy(self, order="C"):
         _record("ndarray.copy", (self,), {})
         return _wrap(self._a.copy(order=order))
@@ -379,25 +547,35 @@ class ndarray:
     def __deepcopy__(self, memo):
         return self.copy()
 
+    @_entry("ndarray.astype")
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         _record("ndarray.astype", (self,), {})
         return _wrap(self._a.astype(dtype, order=order, casting=casting or "unsafe", copy=copy))
 
+    @_entry("ndarray.fill")
     def fill(self, value):
+        if isinstance(value, numpy.ndarray):  # CuPy 14's ndarray.fill
+            if value.shape != ():
+                raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+            value = value.item()
         _record("ndarray.fill", (self,), {})
         self._a.fill(_unwrap(value, "fill"))
 
+    @_entry("ndarray.view")
     def view(self, dtype=None, array_class=None):
         return _wrap(self._a.view() if dtype is None else self._a.view(dtype))
 
+    @_entry("ndarray.reshape")
     def reshape(self, *shape, order="C", copy=None):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return _wrap(self._a.reshape(shape, order=order, copy=copy))
 
+    @_entry("ndarray.transpose")
     def transpose(self, *axes):
         return _wrap(self._a.transpose(*axes))
 
+    @_entry("ndarray.dot")
     def dot(self, b, out=None):
         return dot(self, b, out=out)
 
@@ -412,18 +590,35 @@ class ndarray:
             raise TypeError("iteration over a 0-d array")
         return (self[i] for i in range(len(self)))
 
+    @_entry("ndarray.__getitem__")
     def __getitem__(self, index):
         r = self._a[_index(index)]
         if not isinstance(r, numpy.ndarray) or not numpy.shares_memory(r, self._a):
             _record("ndarray.__getitem__", (self,), {})
         return _wrap(r)
 
+    @_entry("ndarray.__setitem__")
     def __setitem__(self, index, value):
+        # CuPy 14 (_routines_indexing.pyx, _scatter_op): with basic indices (ints, slices, None, ...) a
+        # value that is not a CuPy array goes to ``fill``, which refuses a non-scalar NumPy array; with
+        # array indices it is copied to the device (``core.array``) without a word.
         if isinstance(value, numpy.ndarray):
-            raise TypeError("Unsupported type <class 'numpy.ndarray'>: assigning a NumPy array into a CuPy array "
-                            "is an implicit host-to-device copy, which CuPy refuses (use cupy.asarray)")
+            if not _advanced(index):
+                if value.shape != ():
+                    raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+                value = value.item()
+            else:
+                stats.h2d += 1
+                value = value.astype(self.dtype)
         _record("ndarray.__setitem__", (self, value), {})
-        self._a[_index(index)] = _unwrap(value, "__setitem__")
+        self._a[_index(index)] = value if isinstance(value, numpy.ndarray) else _unwrap(value, "__setitem__")
+
+
+def _advanced(index) -> bool:
+    """Whether ``index`` holds an array index (CuPy's advanced indexing), not only ints, slices, None, ``...``."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return _builtins.any(isinstance(p, (ndarray, numpy.ndarray, list, tuple)) or isinstance(p, (bool, numpy.bool_))
+                         for p in parts)
 
 
 def _index(index):
@@ -435,6 +630,7 @@ def _index(index):
 def _method(name, spec):
     sig = _signature(spec)
 
+    @_entry(f"ndarray.{name}")
     def method(self, *args, **kwargs):
         _check_call(f"ndarray.{name}", sig, args, kwargs)
         _record(f"ndarray.{name}", (self, *args), kwargs)
@@ -494,23 +690,27 @@ class ufunc:
             raise TypeError("Output arguments type must be cupy.ndarray")
         return args, kwargs, [out] if out is not None else []
 
+    @_ufunc_entry("")
     def __call__(self, *args, **kwargs):
         args, kwargs, outs = self._operands(args, dict(kwargs), "__call__")
         _record(self.name, args, kwargs)
         return _wrap(self._np(*_unwrap(args, self.name), **{k: _unwrap(v, self.name) for k, v in kwargs.items()}),
                      outs)
 
+    @_ufunc_entry(".reduce")
     def reduce(self, a, axis=0, dtype=None, out=None, keepdims=False):
         args, kw, outs = self._operands((a,), {"dtype": dtype, "out": out}, "reduce")
         _record(self.name + ".reduce", args, {})
         return _wrap(self._np.reduce(a._a, axis=axis, dtype=dtype, out=_unwrap(out, "reduce"), keepdims=keepdims),
                      outs)
 
+    @_ufunc_entry(".at")
     def at(self, a, indices, b=None):
         args, _, _ = self._operands((a,) if b is None else (a, b), {}, "at")
         _record(self.name + ".at", args, {})
         self._np.at(a._a, _index(indices), *(() if b is None else (_unwrap(b, "at"),)))
 
+    @_ufunc_entry(".outer")
     def outer(self, a, b, **kwargs):
         args, kwargs, outs = self._operands((a, b), dict(kwargs), "outer")
         _record(self.name + ".outer", args, kwargs)
@@ -535,6 +735,7 @@ def _function(name, target, spec):
     sig = _signature(spec)
     host_ok = name in _HOST_OK
 
+    @_entry(name, method=False)
     def function(*args, **kwargs):
         _check_call(name, sig, args, kwargs)
         if name not in _NO_LAUNCH:
@@ -572,12 +773,14 @@ _UFUNCS: dict = {}
 
 
 # -- functions written out (transfers, and what NumPy does not have)
+@_entry("asnumpy", method=False)
 def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
     if isinstance(a, ndarray):
         return a.get(stream=stream, order=order, out=out)
     return numpy.asarray(a, order=order)
 
 
+@_entry("asarray", method=False)
 def asarray(a, dtype=None, order=None, *, copy=None, blocking=True):
     _record("asarray", (a,), {"dtype": dtype} if dtype is not None else {})
     if isinstance(a, ndarray):
@@ -591,6 +794,7 @@ def asarray(a, dtype=None, order=None, *, copy=None, blocking=True):
 asanyarray = asarray
 
 
+@_entry("array", method=False)
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     _record("array", (obj,), {})
     if isinstance(obj, ndarray):
@@ -614,6 +818,7 @@ def is_available():
     return cuda.is_available()
 
 
+@_entry("ascontiguousarray", method=False)
 def ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise _unsupported(a)
@@ -639,7 +844,8 @@ _module_functions(API["functions"], numpy, globals())
 
 
 # -- operators: the module's ufuncs, so ``cupy_array + numpy_array`` refuses as ``cupy.add`` does
-def _binary(name, reflected=False, inplace=False):
+def _binary(name, reflected=False, inplace=False, dunder=None):
+    @_entry(f"ndarray.{dunder}")
     def op(self, other):
         if isinstance(other, (list, tuple)) or isinstance(other, numpy.ndarray):
             raise _unsupported(other)
@@ -655,23 +861,24 @@ for _op, _uf in (("add", "add"), ("sub", "subtract"), ("mul", "multiply"), ("tru
                  ("floordiv", "floor_divide"), ("mod", "remainder"), ("pow", "power"), ("matmul", "matmul"),
                  ("and", "bitwise_and"), ("or", "bitwise_or"), ("xor", "bitwise_xor"), ("lshift", "left_shift"),
                  ("rshift", "right_shift")):
-    setattr(ndarray, f"__{_op}__", _binary(_uf))
-    setattr(ndarray, f"__r{_op}__", _binary(_uf, reflected=True))
-    setattr(ndarray, f"__i{_op}__", _binary(_uf, inplace=True))
+    setattr(ndarray, f"__{_op}__", _binary(_uf, dunder=f"__{_op}__"))
+    setattr(ndarray, f"__r{_op}__", _binary(_uf, reflected=True, dunder=f"__r{_op}__"))
+    setattr(ndarray, f"__i{_op}__", _binary(_uf, inplace=True, dunder=f"__i{_op}__"))
 for _op, _uf in (("lt", "less"), ("le", "less_equal"), ("gt", "greater"), ("ge", "greater_equal")):
-    setattr(ndarray, f"__{_op}__", _binary(_uf))
+    setattr(ndarray, f"__{_op}__", _binary(_uf, dunder=f"__{_op}__"))
 
 
-def _eq(name, fill):
+def _eq(name, fill, dunder):
+    @_entry(f"ndarray.{dunder}")
     def op(self, other):
         if other is None or type(other).__eq__ is object.__eq__ and not isinstance(other, ndarray):
             return (ones if fill else zeros)(self.shape, dtype=bool)
-        return _binary(name)(self, other)
+        return _binary(name, dunder=dunder)(self, other)
     return op
 
 
-ndarray.__eq__ = _eq("equal", False)
-ndarray.__ne__ = _eq("not_equal", True)
+ndarray.__eq__ = _eq("equal", False, "__eq__")
+ndarray.__ne__ = _eq("not_equal", True, "__ne__")
 ndarray.__neg__ = lambda self: negative(self)
 ndarray.__pos__ = lambda self: positive(self)
 ndarray.__abs__ = lambda self: absolute(self)
@@ -695,8 +902,10 @@ class _Generator:
         method = getattr(self._g, name)
 
         def call(*args, **kwargs):
-            _record(f"random.Generator.{name}", args, kwargs)
-            return _wrap(method(*args, **kwargs))
+            def run():
+                _record(f"random.Generator.{name}", args, kwargs)
+                return _wrap(method(*args, **kwargs))
+            return _traced(f"random.Generator.{name}", args, kwargs, run)
 
         return call
 
@@ -766,3 +975,18 @@ def _report_at_exit(path):
 
 if os.environ.get("TINYNET_CUPY_STANDIN_REPORT"):
     _report_at_exit(os.environ["TINYNET_CUPY_STANDIN_REPORT"])
+
+
+def _calls_at_exit(folder):
+    def write():
+        target = pathlib.Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"calls-{os.getpid()}.json").write_text(json.dumps(recorded_calls()))
+
+    import atexit
+    record_calls()
+    atexit.register(write)
+
+
+if os.environ.get("TINYNET_CUPY_STANDIN_CALLS"):  # for the conformance replay (benchmarks/conformance_replay.py)
+    _calls_at_exit(os.environ["TINYNET_CUPY_STANDIN_CALLS"])

@@ -69,6 +69,10 @@ class ElementwiseKernel:
         return dict(self._codes)
 
     def __call__(self, *args, **kwargs):
+        from . import _traced
+        return _traced(f"ElementwiseKernel:{self.name}", args, kwargs, lambda: self._call(*args, **kwargs))
+
+    def _call(self, *args, **kwargs):
         from . import _record, _unsupported, _wrap, ndarray
 
         size = kwargs.pop("size", -1)

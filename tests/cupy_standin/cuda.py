@@ -1,12 +1,21 @@
-"""``cupy.cuda`` of the stand-in: N fake devices, streams and events that are always done, a memory pool
-that reports the stand-in's live bytes, and ``nccl`` collectives run over MPI (one process per rank).
+"""``cupy.cuda`` of the stand-in: N fake devices, streams and events, a memory pool that reports the
+stand-in's live bytes, and ``nccl`` collectives run over MPI (one process per rank).
 
-Every ``synchronize()`` is counted as a host-device synchronisation in ``cupy_standin.stats``.
+Every operation of the stand-in is done when it returns, except the NCCL collectives: as on a GPU, a
+call only queues its collective and returns at once.  The queue runs (an MPI call that waits for the
+other ranks) at the host's next synchronisation (``synchronize()``, ``done``, a read-back) or before
+the next operation of the stand-in (which a GPU would run after it, on the same stream).  So a rank
+that skipped a collective leaves the others waiting where they would wait on GPUs.
+
+Every ``synchronize()``, and every ``done`` asked by the main thread, is counted as a host-device
+synchronisation in ``cupy_standin.stats`` (asked by another thread, as tinynet's collective watchdog
+does, ``done`` only reads whether the queue has run so far, and waits for nothing).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import types
 
 import numpy
@@ -49,8 +58,8 @@ runtime.getDeviceCount = _count
 runtime.getDevice = lambda: _current[0]
 runtime.setDevice = lambda d: _current.__setitem__(0, _check(d))
 runtime.getDeviceProperties = _get_device_properties
-runtime.driverGetVersion = lambda: 12040
-runtime.runtimeGetVersion = lambda: 12040
+runtime.driverGetVersion = lambda: 13000  # CUDA 13.0, as cupy-cuda13x 14.2 with driver 580
+runtime.runtimeGetVersion = lambda: 13000
 runtime.deviceSynchronize = lambda: _sync("deviceSynchronize")
 runtime.memGetInfo = lambda: (80 << 30, 80 << 30)
 runtime.is_hip = False
@@ -102,6 +111,9 @@ class Stream:
     def synchronize(self):
         _sync("Stream.synchronize")
 
+    def query(self):
+        return self.done
+
     def use(self):
         _streams[0] = self
         return self
@@ -115,7 +127,10 @@ class Stream:
 
     @property
     def done(self):
-        return True
+        """Whether the stream has run all it was given (cudaStreamQuery; see :class:`Event`)."""
+        if _on_main_thread():
+            _sync("Stream.done")
+        return _counts["run"] >= _counts["queued"]
 
     def record(self, event=None):
         event = event or Event()
@@ -134,19 +149,32 @@ def get_current_stream(device_id=None):
     return _streams[0]
 
 
+def _on_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
 class Event:
+    """Marks a place in the stream: done once the collectives queued before it have run.
+
+    Asked by the main thread, ``done`` runs the queue first (the host meets the GPU there); asked by
+    another thread, it only reads how far the queue has run, as ``cudaEventQuery`` would.
+    """
+
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.ptr = id(self)
+        self._position = 0
 
     def record(self, stream=None):
-        pass
+        self._position = _counts["queued"]
 
     def synchronize(self):
         _sync("Event.synchronize")
 
     @property
     def done(self):
-        return True
+        if _on_main_thread():
+            _sync("Event.done")
+        return _counts["run"] >= self._position
 
 
 def get_elapsed_time(start, end):
@@ -201,8 +229,8 @@ def set_pinned_memory_allocator(allocator=None):
 
 # ---------------------------------------------------------------------------------------------
 # NCCL over MPI.  Buffers are given as pointers (``array.data.ptr``), as to real NCCL; the stand-in's
-# "device memory" is host memory, so a pointer is read and written through ctypes.  The collectives
-# complete before they return (real NCCL only enqueues them: that difference is a blind spot).
+# "device memory" is host memory, so a pointer is read and written through ctypes.  A collective is
+# queued (its send buffer read at once: every operation before it is done) and run by :func:`flush`.
 # ---------------------------------------------------------------------------------------------
 nccl = types.ModuleType("cupy.cuda.nccl")
 nccl.available = True
@@ -220,6 +248,19 @@ class NcclError(RuntimeError):
 
 nccl.NcclError = NcclError
 
+#: Collectives queued and not yet run: (callable, the buffers it writes, kept alive until it has run).
+_queued: list = []
+#: How many collectives were queued, and how many have run, since the process started (for events).
+_counts = {"queued": 0, "run": 0}
+
+
+def flush():
+    """Run the queued collectives, in order (each waits for the other ranks, as the GPU would)."""
+    while _queued:
+        run, _keep = _queued.pop(0)
+        run()
+        _counts["run"] += 1
+
 
 def _buffer(ptr, count, datatype):
     dtype = numpy.dtype(_NCCL_DTYPES[datatype])
@@ -227,45 +268,58 @@ def _buffer(ptr, count, datatype):
     return numpy.frombuffer(raw, dtype=dtype, count=count)
 
 
+def _owner(ptr):
+    """The buffer behind ``ptr`` (registered when ``array.data`` was read), so that it outlives the queue."""
+    from . import _pointers
+    return _pointers.get(ptr)
+
+
 def get_unique_id():
     return tuple(int(b) for b in os.urandom(16))
 
 
 class NcclCommunicator:
-    """A communicator of ``ndev`` ranks over MPI_COMM_WORLD (each rank one process, on its current device)."""
+    """A communicator of ``ndev`` ranks over MPI_COMM_WORLD (each rank one process, on its current device).
+
+    Its collectives travel on a duplicate of MPI_COMM_WORLD, as NCCL's own channels are apart from
+    MPI's: a rank in an MPI collective never completes another rank's NCCL collective.
+    """
 
     def __init__(self, ndev, commId, rank):
         from mpi4py import MPI
 
-        self._mpi = MPI.COMM_WORLD
-        if self._mpi.Get_size() != ndev or self._mpi.Get_rank() != rank:
-            raise NcclError(f"NCCL stand-in: rank {rank} of {ndev} must be MPI rank {self._mpi.Get_rank()} of "
-                            f"{self._mpi.Get_size()}")
+        world = MPI.COMM_WORLD
+        if world.Get_size() != ndev or world.Get_rank() != rank:
+            raise NcclError(f"NCCL stand-in: rank {rank} of {ndev} must be MPI rank {world.Get_rank()} of "
+                            f"{world.Get_size()}")
         self._ndev, self._rank, self.device_id = ndev, rank, _current[0]
-        devices = self._mpi.allgather((os.uname().nodename, self.device_id))
+        devices = world.allgather((os.uname().nodename, self.device_id))
         if len(set(devices)) != len(devices):
             raise NcclError("ncclInvalidUsage: two ranks on one GPU (NCCL needs one device per rank)")
+        self._mpi = world.Dup()
 
     def _op(self, op):
         from mpi4py import MPI
         return {0: MPI.SUM, 1: MPI.PROD, 2: MPI.MAX, 3: MPI.MIN}[op]
 
-    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+    def _queue(self, name, run, *pointers):
         from . import _record
-        _record("nccl.allReduce", (), {})
-        send = _buffer(sendbuf, count, datatype).copy()
-        self._mpi.Allreduce(send, _buffer(recvbuf, count, datatype), op=self._op(op))
+        _record(f"nccl.{name}", (), {}, flush=False)
+        _queued.append((run, [_owner(p) for p in pointers]))
+        _counts["queued"] += 1
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        send, op = _buffer(sendbuf, count, datatype).copy(), self._op(op)
+        self._queue("allReduce", lambda: self._mpi.Allreduce(send, _buffer(recvbuf, count, datatype), op=op),
+                    recvbuf)
 
     def allGather(self, sendbuf, recvbuf, count, datatype, stream):
-        from . import _record
-        _record("nccl.allGather", (), {})
         send = _buffer(sendbuf, count, datatype).copy()
-        self._mpi.Allgather(send, _buffer(recvbuf, count * self._ndev, datatype))
+        self._queue("allGather", lambda: self._mpi.Allgather(send, _buffer(recvbuf, count * self._ndev, datatype)),
+                    recvbuf)
 
     def bcast(self, buff, count, datatype, root, stream):
-        from . import _record
-        _record("nccl.bcast", (), {})
-        self._mpi.Bcast(_buffer(buff, count, datatype), root=root)
+        self._queue("bcast", lambda: self._mpi.Bcast(_buffer(buff, count, datatype), root=root), buff)
 
     def broadcast(self, sendbuf, recvbuf, count, datatype, root, stream):
         if sendbuf != recvbuf and self._rank == root:
@@ -285,7 +339,8 @@ class NcclCommunicator:
         pass
 
     def abort(self):
-        pass
+        _counts["run"] += len(_queued)
+        _queued.clear()
 
 
 nccl.get_unique_id = get_unique_id

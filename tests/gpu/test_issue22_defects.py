@@ -1,6 +1,15 @@
 """Defects of the GPU path found by the CuPy stand-in and a desk-check (issue 22), each pinned by a test
-that failed before its fix.  Defect 3 (a synchronisation in every SyncBatchNorm forward) is pinned by
-tests/gpu/test_budgets.py::test_a_training_step_makes_no_host_device_synchronisation[syncbatchnorm]."""
+that failed before its fix.  Those pinned elsewhere:
+
+1. the collective watchdog did not cover NCCL: tests/gpu/test_nccl.py::
+   test_a_rank_that_skips_a_collective_stops_every_rank_within_the_timeout;
+2. the two-GPU test could not pass: tests/gpu/test_nccl.py::test_two_gpus_train_as_one;
+3. a synchronisation in every SyncBatchNorm forward: tests/gpu/test_budgets.py::
+   test_a_training_step_makes_no_host_device_synchronisation[syncbatchnorm];
+7. metrics.json named no GPU, driver, CUDA or CuPy: tests/gpu/test_examples_on_device.py::
+   test_train_cnn_then_predict_on_the_device;
+10. the GPU check plan: tests/test_gpu_check_plan.py.
+"""
 import sys
 
 import numpy as np

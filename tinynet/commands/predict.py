@@ -13,10 +13,27 @@ from the weights file's metadata.  When images lie in folders named after the
 model's classes (a labelled folder, as for training), the accuracy on them is
 printed too; ``tinynet evaluate`` gives the full evaluation.
 
+``--device`` says where the model runs.  With ``--weights``, tinynet's own
+backend: ``cuda`` needs CuPy and a GPU.  With ``--onnx``, onnxruntime runs the
+graph and CuPy plays no part: ``cuda`` selects onnxruntime's
+``CUDAExecutionProvider`` (the ``onnxruntime-gpu`` package); an onnxruntime
+without it is refused in one line rather than run on the CPU, as ``--device
+cuda`` without a GPU is refused with ``--weights``: a run asked for on the GPU
+that silently ran on the CPU would report CPU timings as GPU ones; so is a
+provider that is built in but does not start (onnxruntime would fall back to
+the CPU with only a warning).
+
+``--threads auto|N`` (default ``auto``, or ``$TINYNET_THREADS``) is train's
+option (:mod:`tinynet.cores`): the CPU threads of the matrix products and of
+tinynet's own passes, chosen before the first batch and, with ``auto``,
+looked at again while the batches run.  With ``--onnx`` a number sets
+onnxruntime's intra-op threads, and ``auto`` leaves onnxruntime its own default.
+
 Exit status: 0 when at least one image was classified; 1 when none could be;
 2 for unusable input (no weights, weights that do not fit, metadata with a
-value tinynet cannot use, an unknown option, --device cuda without a GPU),
-with a one-line message.
+value tinynet cannot use, an unknown option, a bad --threads, --device cuda
+without a GPU or, with --onnx, without onnxruntime's CUDA provider), with a
+one-line message.
 
 Class names and file names are someone else's text: printed, their control
 characters are escaped (tinynet.text.printable: no ESC sequence reaches the
@@ -31,11 +48,12 @@ import os
 import sys
 
 from .. import backend
-from ..cli import CommandLineParser, UsageError
+from ..cli import CommandLineParser, UsageError, add_threads_argument, check_device, check_threads, start_threads
 from ..predict import ModelFileError, find_images, load_model, load_onnx, model_forward, predict_files
 from ..text import csv_cell, printable
 
-__all__ = ["build_parser", "main", "load_forward", "true_class"]
+__all__ = ["build_parser", "main", "add_model_options", "check_model_device", "load_forward", "start_model_threads",
+           "true_class"]
 
 
 def build_parser(prog: str = "predict.py") -> CommandLineParser:
@@ -44,16 +62,70 @@ def build_parser(prog: str = "predict.py") -> CommandLineParser:
     parser.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image; default 5")
     parser.add_argument("--csv", help="also write the predictions to this CSV file")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda; default cpu")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass; default 64")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def add_model_options(parser) -> None:
+    """``--weights`` or ``--onnx``, ``--device`` and ``--threads``: what runs the model, and where."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="best.safetensors or last.safetensors from a training run")
     source.add_argument("--onnx", help="a model exported with tinynet export (runs on onnxruntime)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda; default cpu.  With --onnx, cuda is onnxruntime's CUDAExecutionProvider "
+                             "(the onnxruntime-gpu package), and CuPy is not needed")
+    add_threads_argument(parser)
+
+
+def check_model_device(args) -> str:
+    """``args.device`` normalised ("cpu" or "cuda") for the model source; a :class:`UsageError` if it cannot serve.
+
+    ``--weights`` runs on tinynet's backend (:func:`tinynet.cli.check_device`:
+    ``cuda`` needs CuPy and a GPU).  ``--onnx`` runs on onnxruntime, which
+    does not use CuPy: ``cuda`` needs onnxruntime's ``CUDAExecutionProvider``.
+    Without onnxruntime at all, the check is left to :func:`load_forward`,
+    whose error says how to install it.
+    """
+    if args.onnx is None:
+        return check_device(args.device)
+    try:
+        device = backend.normalize_device(args.device)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if device == "cuda":
+        try:
+            import onnxruntime
+        except ImportError:
+            return device
+        providers = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise UsageError(f"--device {args.device} with --onnx runs the graph on onnxruntime's "
+                             f"CUDAExecutionProvider, which this onnxruntime ({onnxruntime.__version__}) does not "
+                             f"have (it has {', '.join(providers)}); install the onnxruntime-gpu package in its "
+                             f"place, or leave out --device to run on the CPU")
+    return device
+
+
+def start_model_threads(args, forward, log=lambda line: None):
+    """Apply ``--threads`` where it has something to set: ``(forward, governor)``.
+
+    For ``--weights``: the :class:`~tinynet.cores.ThreadGovernor` of
+    :func:`tinynet.cli.start_threads` (which logs its choice), and ``forward``
+    wrapped to call its ``tick`` after every batch, so that "auto" gives
+    cores back to other programs during a long run, as in training.  For
+    ``--onnx``: ``forward`` unchanged and None (a number reached onnxruntime's own pool in
+    :func:`load_forward`).
+    """
+    if args.onnx is not None:
+        return forward, None
+    governor = start_threads(args.threads, log)
+
+    def governed(x):
+        out = forward(x)
+        governor.tick()  # looks at the machine every RECHECK_SECONDS; otherwise a clock read
+        return out
+    return governed, governor
 
 
 def load_forward(args, device: str):
@@ -65,8 +137,11 @@ def load_forward(args, device: str):
     if args.weights is not None and args.weights.lower().endswith(".onnx"):
         raise UsageError(f"--weights {args.weights!r} is an ONNX graph; run it with --onnx {args.weights}")
     try:
-        if args.onnx:
-            return load_onnx(args.onnx, device)
+        if args.onnx:  # onnxruntime sizes its own pool: a number given to --threads is passed to it
+            from ..cores import parse_threads
+
+            threads = parse_threads(args.threads)  # already checked by check_threads
+            return load_onnx(args.onnx, device, threads=None if threads == "auto" else threads)
         model, meta = load_model(args.weights, device)
         return model_forward(model, device), meta
     except (ModelFileError, ValueError, RuntimeError, ImportError) as error:
@@ -91,8 +166,10 @@ def main(argv=None, prog: str = "predict.py") -> int:
               file=sys.stderr)
         return 2
     try:
-        device = backend.check_device(args.device)
+        check_threads(args.threads)
+        device = check_model_device(args)
         forward, meta = load_forward(args, device)
+        forward, governor = start_model_threads(args, forward)  # the choice is told in the summary line
     except (UsageError, ValueError, RuntimeError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
@@ -134,7 +211,11 @@ def main(argv=None, prog: str = "predict.py") -> int:
     finally:
         if csv_file:
             csv_file.close()
-    print(f"{prog}: {done} image{'s' if done != 1 else ''} classified, {skipped} skipped", file=sys.stderr)
+    threads = ""
+    if governor is not None:
+        threads = f"; {governor.reason}" + (f", then {governor.threads} after {governor.changes} change"
+                                            f"{'s' if governor.changes != 1 else ''}" if governor.changes else "")
+    print(f"{prog}: {done} image{'s' if done != 1 else ''} classified, {skipped} skipped{threads}", file=sys.stderr)
     if labelled:
         print(f"{prog}: accuracy {100 * correct / labelled:.1f} % ({correct} of {labelled} images in folders named "
               f"after a class; tinynet evaluate gives F1, the per-class table and the confusion matrix)",

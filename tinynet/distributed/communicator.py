@@ -30,9 +30,21 @@ raised would leave the others waiting forever.  Three guards bound that:
 * a watchdog thread aborts the job when one collective has waited longer than
   ``timeout`` seconds (a rank stuck in a loop, or one that skipped a
   collective): MPI's blocking collectives have no timeout of their own.
+
+On GPUs the watched window does not end when the call returns.  An NCCL call
+only queues the collective on the CUDA stream and returns at once; the wait for
+the other ranks happens on the GPU, and the host meets it at its next
+read-back, where nothing would watch it.  So each collective on CuPy arrays
+records a CUDA event on the stream after it, and the watchdog thread polls the
+event (``cudaEventQuery``, which never blocks) until the GPU has run the
+collective: past the timeout, it aborts the job as for MPI.  The main thread
+never waits for it, so the GPU's queue stays full (PyTorch's NCCL watchdog
+works the same way); CuPy releases the GIL while the main thread waits in a
+read-back, so the watchdog runs meanwhile.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -145,7 +157,9 @@ def _mpi():
 class _Watchdog:
     """Aborts the job when one collective has waited longer than its timeout.
 
-    The main thread marks the start and end of each collective; a daemon
+    The main thread marks the start and end of each call (:meth:`enter`,
+    :meth:`leave`), and hands over each collective it queued on a GPU with a
+    ``done()`` that says whether the GPU has run it (:meth:`queued`); a daemon
     thread looks once per ``tick`` seconds.  MPI is initialised with
     ``MPI_THREAD_MULTIPLE`` (mpi4py's default), so the watchdog may call
     ``MPI_Abort`` while the main thread is inside a collective.
@@ -154,6 +168,9 @@ class _Watchdog:
     def __init__(self, comm, tick: float = 0.25):
         self.comm, self.tick = comm, tick
         self.what, self.deadline, self.began = None, None, None
+        #: (what, began, deadline, done) of the collectives queued on the GPU and not yet seen done, oldest
+        #: first: the GPU runs them in that order.  Appended by the main thread, emptied by the watchdog's.
+        self.on_gpu = collections.deque()
         self.thread = threading.Thread(target=self._watch, name="tinynet-collective-watchdog", daemon=True)
         self.thread.start()
 
@@ -164,14 +181,35 @@ class _Watchdog:
     def leave(self) -> None:
         self.deadline = None
 
+    def queued(self, what: str, timeout: float | None, done) -> None:
+        """Watch a collective queued on the GPU until ``done()`` (a CUDA event's query) is true."""
+        if timeout is not None:
+            began = time.monotonic()
+            self.on_gpu.append((what, began, began + timeout, done))
+
     def _watch(self):
         while True:
             time.sleep(self.tick)
             deadline = self.deadline
             if deadline is not None and time.monotonic() > deadline:
-                self.comm.abort(f"{self.comm.name}: {self.what} waited {time.monotonic() - self.began:.0f} s for "
-                                f"the other ranks (timeout {deadline - self.began:g} s): a rank hangs, died or "
-                                f"skipped a collective; stopping every rank", status=3)
+                self._abort(self.what, self.began, deadline)
+            while self.on_gpu and self._done(self.on_gpu[0][3]):
+                self.on_gpu.popleft()
+            if self.on_gpu and time.monotonic() > self.on_gpu[0][2]:
+                what, began, deadline, _ = self.on_gpu[0]
+                self._abort(what, began, deadline)
+
+    @staticmethod
+    def _done(done) -> bool:
+        try:
+            return bool(done())
+        except Exception:  # a CUDA error: the main thread meets it at its next call; keep watching the rest
+            return True
+
+    def _abort(self, what, began, deadline):
+        self.comm.abort(f"{self.comm.name}: {what} waited {time.monotonic() - began:.0f} s for the other ranks "
+                        f"(timeout {deadline - began:g} s): a rank hangs, died or skipped a collective; stopping "
+                        f"every rank", status=3)
 
 
 class MPICommunicator(Communicator):
@@ -209,6 +247,16 @@ class MPICommunicator(Communicator):
         self._cuda = cuda
         return cuda.nccl.NcclCommunicator(self.size, uid, self.rank)
 
+    def _watch_on_gpu(self, what, timeout):
+        """Keep the NCCL call just queued on the current stream watched until the GPU has run it.
+
+        The call returned at once; the wait for the other ranks happens on the GPU.  A CUDA event
+        recorded after it tells the watchdog thread when it is done (see the module docstring).
+        """
+        if self.size > 1:  # a world of one has nobody to wait for
+            event = self._cuda.record_event()
+            self._watchdog.queued(what, self.timeout if timeout is None else timeout, lambda: event.done)
+
     def _nccl_dtype(self, dtype):
         nccl = self._cuda.nccl
         table = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
@@ -239,6 +287,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(buf):
                 self._nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype),
                                      self._cuda.nccl.NCCL_SUM, self._cuda.stream_pointer())
+                self._watch_on_gpu(f"allreduce of {buf.size} values", timeout)  # NCCL only queued it
             else:
                 self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         finally:
@@ -254,6 +303,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(a):
                 self._nccl.allGather(a.data.ptr, out.data.ptr, a.size, self._nccl_dtype(a.dtype),
                                      self._cuda.stream_pointer())
+                self._watch_on_gpu(f"allgather of {a.size} values", timeout)
             else:
                 self.comm.Allgather(a, out)
         finally:
@@ -266,6 +316,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(buf):
                 self._nccl.bcast(buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype), root,
                                  self._cuda.stream_pointer())
+                self._watch_on_gpu(f"broadcast of {buf.size} values", timeout)
             else:
                 self.comm.Bcast(buf, root=root)
         finally:

@@ -9,13 +9,11 @@ For other input sizes the linear layer's width follows: 128 * (size/16)^2.
 
 Each ReLU runs after the max pool that follows it, on 16x (then 4x) fewer
 values: the two commute, outputs and gradients alike
-(on the fast path: :func:`tinynet.nn.fast.epilogues.reorder_relu_maxpool`).
+(on the fast path, as in every Sequential: :func:`tinynet.nn.fast.epilogues.reorder_relu_maxpool`).
 """
 from __future__ import annotations
 
 from ..nn import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, Softmax
-from ..nn import fast
-from ..nn.fast.epilogues import reorder_relu_maxpool
 
 __all__ = ["SimpleCNN", "simple_cnn"]
 
@@ -43,10 +41,6 @@ class SimpleCNN(Sequential):
             layers.append(Softmax(dim=1))
         super().__init__(*layers)
         self.num_classes = num_classes
-
-    def _run_order(self):
-        # On the fast path each ReLU runs after the max pool that follows it: they commute.
-        return reorder_relu_maxpool(self) if fast.enabled() else list(self)
 
 
 def simple_cnn(num_classes: int = 10, **kwargs) -> SimpleCNN:

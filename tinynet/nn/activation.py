@@ -109,3 +109,6 @@ class Softmax(Module):
         check_grad(self, dout, y.shape, y.dtype)
         release_output(y)
         return y * (dout - (dout * y).sum(axis=self.dim, keepdims=True))
+
+    def _discard(self, values) -> None:
+        release_output(values[0])  # no backward will read this output: it may be overwritten

@@ -212,7 +212,5 @@ class Conv2d(Module):
             self.bias.accumulate_grad(db)
         return dx
 
-    def _drop_saved(self) -> None:
-        for _, _, buffer in self._saved:
-            LayerBuffers(self._free_cols).give_back(buffer)  # nobody will read these columns again
-        self._saved.clear()
+    def _discard(self, values) -> None:
+        LayerBuffers(self._free_cols).give_back(values[2])  # nobody will read these columns again

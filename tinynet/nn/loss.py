@@ -59,7 +59,7 @@ class _Loss(Module):
         return f"reduction={self.reduction!r}"
 
     def __call__(self, pred, target):
-        return self.forward(pred, target)
+        return super().__call__(pred, target)
 
     def _scale(self, count):
         return 1.0 / count if self.reduction == "mean" else 1.0

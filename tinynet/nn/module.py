@@ -10,17 +10,37 @@ There is no autograd.  A layer is an object with two methods:
 A network runs its layers' forwards in order and their backwards in reverse
 order (the chain rule, written out by hand).
 
-Caches are per call.  Every forward run with gradients enabled pushes its
-cache onto the layer's stack; every backward pops the newest one.  A layer
-called twice in one forward (weight sharing: ``lin(x1) + lin(x2)``) keeps two
-caches, and the two backwards undo the calls in reverse order, as autograd
-would; their parameter gradients add up.  ``backward`` drops the cache it
-consumed, so memory held for the backward pass is released as the pass
-proceeds; under :func:`no_grad` nothing is stored.  A backward called more
-often than forward is an error that names the layer, and so is a layer
-holding :attr:`Module.max_pending_calls` caches that no backward took
-(inference without ``no_grad``); :meth:`Module.release_saved` drops them, for a
-forward whose loss turned out not to be worth a backward.
+Caches are per call, and calls belong to *passes*.  Every forward run with
+gradients enabled pushes its cache onto the layer's stack; every backward pops
+the newest one.  A layer called twice in one forward (weight sharing:
+``lin(x1) + lin(x2)``) keeps two caches, and the two backwards undo the calls
+in reverse order, as autograd would; their parameter gradients add up.
+``backward`` drops the cache it consumed, so memory held for the backward pass
+is released as the pass proceeds; under :func:`no_grad` nothing is stored.
+
+PyTorch frees a graph when nobody holds its output any more; without a graph,
+tinynet bounds the caches by counting *passes*.  A pass is one call of an
+outermost module (one your code calls, not one called from another module's
+forward) with everything that call runs.  A layer keeps the caches of its
+last :attr:`Module.max_pending_passes` passes that no backward has consumed
+(8), and of its last pass only when the module that started the pass is in
+eval mode; a new pass drops the oldest pass's caches.  So the habits PyTorch
+users bring work with bounded memory:
+
+* a validation loss computed under ``model.eval()`` without ``no_grad``
+  holds one forward's caches, not one per batch;
+* a finite-difference check that calls a layer or a loss again and again
+  keeps at most 8 of those calls;
+* a backward in eval mode (saliency maps, Grad-CAM) consumes the newest pass,
+  and weight sharing inside a model's forward is one pass however often the
+  layer runs.
+
+A backward that needs a dropped cache raises an error that says so (two
+top-level calls backpropagated in eval mode, or more than 8 in training mode:
+call them from one module's forward, or raise ``max_pending_passes``), and so
+does a backward called more often than forward.  Call modules, not their
+``forward`` method: a ``forward`` called directly is a pass for each layer it
+runs.  :meth:`Module.release_saved` drops every pending cache at once.
 
 ``backward`` never writes into its ``dy`` argument: a gradient that fans out
 (the two branches of a residual block) is read by several layers.
@@ -31,6 +51,7 @@ State-dict keys follow PyTorch's names (``weight``, ``bias``,
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections import OrderedDict
@@ -39,6 +60,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .. import backend
+from . import fast
 
 __all__ = [
     "Parameter",
@@ -85,6 +107,33 @@ def no_grad() -> _GradMode:
 
 def enable_grad() -> _GradMode:
     return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# Forward passes: which caches belong together
+# ---------------------------------------------------------------------------
+_calls = threading.local()  # depth: how many Module calls are running; number, evaluating: the current pass's
+_pass_numbers = itertools.count(1)
+
+
+def _begin_call(module) -> int:
+    """Enter a module call; an outermost call starts a new pass.  Returns the depth to restore."""
+    depth = getattr(_calls, "depth", 0)
+    if depth == 0:
+        _calls.number = next(_pass_numbers)
+        _calls.evaluating = not module.training
+    _calls.depth = depth + 1
+    return depth
+
+
+def _current_pass(module) -> tuple:
+    """(number, evaluating) of the pass a cache pushed now belongs to.
+
+    A ``forward`` called directly, outside any module call, is a pass of its own.
+    """
+    if getattr(_calls, "depth", 0) > 0:
+        return _calls.number, _calls.evaluating
+    return next(_pass_numbers), not module.training
 
 
 # ---------------------------------------------------------------------------
@@ -196,13 +245,12 @@ class Module:
     #: see :meth:`set_input_grad`.
     input_grad = True
 
-    #: How many forwards may wait for their backward before the next one is refused.
-    #: Each holds its cache (for ResNet18 at batch 64, ~1 GB a forward), so the bound is
-    #: small enough to stop the usual mistake, inference without ``no_grad``, before it
-    #: exhausts memory, and large enough for weight sharing (a siamese pair, a few
-    #: unrolled steps); a model that calls one layer more often raises it, on the class
-    #: or on the instance.
-    max_pending_calls = 8
+    #: How many passes may wait for their backward (module docstring): a new pass beyond them drops
+    #: the oldest pass's caches.  Each pass holds its caches (ResNet18, batch 64, 64x64 px: ~240 MiB), so the
+    #: bound is small enough to cap the memory of forwards that never get a backward, and large
+    #: enough for weight sharing across top-level calls (a siamese pair, a few unrolled steps).  A
+    #: pass started by a module in eval mode keeps one.  Raise it on the class or the instance.
+    max_pending_passes = 8
 
     #: Attributes that live only between a forward and its backward, or are workspaces the
     #: layer refills: never copied by ``copy.deepcopy`` and never part of a state dict.
@@ -215,7 +263,8 @@ class Module:
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_path", "")
         object.__setattr__(self, "training", True)
-        object.__setattr__(self, "_saved", [])
+        object.__setattr__(self, "_saved", [])  # (pass number, cache) of each call waiting for its backward
+        object.__setattr__(self, "_dropped_passes", 0)  # passes dropped since the stack was last empty
 
     # -- registration -------------------------------------------------------
     def __setattr__(self, name, value):
@@ -272,30 +321,52 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} has no backward()")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        depth = _begin_call(self)
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            _calls.depth = depth
 
     def _save_for_backward(self, *values) -> None:
         """Push this call's cache (what its backward needs); nothing under :func:`no_grad`."""
         if not is_grad_enabled():
             return
+        number, evaluating = _current_pass(self)
         saved = self._saved
-        if len(saved) >= self.max_pending_calls:
-            raise RuntimeError(
-                f"{self._describe()}: {len(saved)} forward calls are waiting without a backward, each "
-                f"holding its cache; run inference under tinynet.no_grad(), or call model.release_saved() "
-                f"after a forward you will not backpropagate (a layer meant to be called more often per "
-                f"step: raise its max_pending_calls, now {self.max_pending_calls})"
-            )
-        saved.append(values)
+        if not saved:
+            object.__setattr__(self, "_dropped_passes", 0)
+        elif saved[-1][0] != number:  # this layer's first call in a new pass: make room for it
+            self._keep_newest_passes((1 if evaluating else self.max_pending_passes) - 1)
+        saved.append((number, values))
+
+    def _keep_newest_passes(self, count: int) -> None:
+        """Drop the caches of all but this layer's ``count`` newest pending passes."""
+        saved = self._saved  # pass numbers only grow, so the stack holds the oldest passes first
+        numbers = sorted({number for number, _ in saved})
+        dropped = numbers[:max(len(numbers) - count, 0)]
+        if not dropped:
+            return
+        cut = sum(1 for number, _ in saved if number <= dropped[-1])
+        for _, values in saved[:cut]:
+            self._discard(values)
+        del saved[:cut]
+        object.__setattr__(self, "_dropped_passes", self._dropped_passes + len(dropped))
 
     def _saved_for_backward(self):
         """Pop the newest call's cache for backward, with a clear error if there is none."""
         if not self._saved:
+            if self._dropped_passes:
+                raise RuntimeError(
+                    f"{self._describe()}: the cache this backward needs was dropped: newer forward passes ran "
+                    f"without a backward (a layer keeps its last {self.max_pending_passes} passes, its last one "
+                    f"when the pass starts in eval mode); backpropagate sooner, call the shared layer from one "
+                    f"module's forward, or raise max_pending_passes"
+                )
             raise RuntimeError(
                 f"{self._describe()}: backward() called before forward(), or more often than forward "
                 f"(twice for one forward), or after a forward run under tinynet.no_grad()"
             )
-        return self._saved.pop()
+        return self._saved.pop()[1]
 
     @property
     def pending_calls(self) -> int:
@@ -312,8 +383,14 @@ class Module:
         return self
 
     def _drop_saved(self) -> None:
-        """Forget this module's pending caches (a layer owning workspaces takes them back here)."""
+        """Forget this module's pending caches."""
+        for _, values in self._saved:
+            self._discard(values)
         self._saved.clear()
+        object.__setattr__(self, "_dropped_passes", 0)
+
+    def _discard(self, values) -> None:
+        """A cache no backward will read (a layer owning workspaces takes them back here)."""
 
     def __deepcopy__(self, memo):
         """A deep copy without the transient state (pending caches, workspaces): a new module starts empty."""
@@ -563,17 +640,29 @@ class Sequential(Module):
         return list(self._modules.values())[index]
 
     def _run_order(self):
-        """The layers in the order :meth:`forward` runs them (:meth:`backward`: reversed); a subclass
-        may reorder layers that commute (:class:`tinynet.models.SimpleCNN`)."""
-        return list(self._modules.values())
+        """The layers in the order :meth:`forward` runs them (:meth:`backward`: reversed).
+
+        On the fast path a ``ReLU`` directly followed by a ``MaxPool2d`` runs after the pool: the
+        two commute, outputs and gradients alike, and the ReLU then touches 4-16x fewer values
+        (:func:`tinynet.nn.fast.epilogues.reorder_relu_maxpool`).  The layers keep their keys.
+        """
+        layers = list(self._modules.values())
+        if fast.enabled():
+            from .fast.epilogues import reorder_relu_maxpool  # the fast path lives above this module
+            return reorder_relu_maxpool(layers)
+        return layers
 
     def forward(self, x):
-        for layer in self._run_order():
+        order = self._run_order()
+        for layer in order:
             x = layer(x)
+        self._save_for_backward(order)  # the backward undoes this order, even if the switch moves
         return x
 
     def backward(self, dout):
-        for layer in reversed(self._run_order()):
+        # (a subclass whose own forward saved no order runs the layers as _run_order lists them)
+        (order,) = self._saved_for_backward() if self._saved else (self._run_order(),)
+        for layer in reversed(order):
             dout = layer.backward(dout)
         return dout
 
