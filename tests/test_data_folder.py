@@ -210,6 +210,22 @@ def test_write_skipped_writes_a_tsv_with_header(messy_root, tmp_path):
     assert rows[1:] == [[entry.path, entry.reason] for entry in dataset.skipped]
 
 
+def test_skipped_tsv_cells_never_start_like_a_formula(tmp_path, monkeypatch):
+    """A data folder given as a relative path that starts like a spreadsheet formula (``--data -2+3``): its
+    skipped files' cells in skipped.tsv get a leading ', as predict --csv's do (before: "-2+3/a/x.png", a
+    formula to a spreadsheet)."""
+    monkeypatch.chdir(tmp_path)
+    for cls in ("a", "b"):
+        (tmp_path / "-2+3" / cls).mkdir(parents=True)
+        (tmp_path / "-2+3" / cls / "fine.png").write_bytes(encoded(Image.fromarray(colourful(8, 8)), "PNG"))
+    (tmp_path / "-2+3" / "a" / "broken.png").write_text("not a picture\n")
+    dataset = ImageFolder("-2+3", SIZE)
+    dataset.write_skipped(tmp_path / "skipped.tsv")
+    with open(tmp_path / "skipped.tsv", encoding="utf-8", newline="") as file:
+        rows = list(csv.reader(file, dialect="excel-tab"))[1:]
+    assert [row[0] for row in rows] == ["'" + os.path.join("-2+3", "a", "broken.png")], rows
+
+
 def test_bad_roots_and_class_folders_raise_naming_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ImageFolder(tmp_path / "nowhere")

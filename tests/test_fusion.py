@@ -226,6 +226,26 @@ def _user_cnn():
                          nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).double()
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_resnet_backward_follows_the_order_of_its_forward(rng, fast_forward):
+    """The stem's ReLU and max pool run in another order on the fast path; a switch moved between forward
+    and backward used to make the backward undo the other order (a shape error)."""
+    from tinynet.models import resnet18
+
+    tinynet.manual_seed(0)
+    model = resnet18(5, width=4).double()
+    x = rng.standard_normal((2, 3, 16, 16))
+    g = rng.standard_normal((2, 5))
+    with tinynet.fast_path(fast_forward):
+        model(x)
+        expected = model.backward(g)
+        model.zero_grad()
+        model(x)
+    with tinynet.fast_path(not fast_forward):
+        dx = model.backward(g)
+    np.testing.assert_allclose(dx, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("switch_before_backward", [False, True])
 def test_any_sequential_runs_each_relu_after_its_max_pool_bit_for_bit(rng, switch_before_backward):
     """Issue 23: the reordering is automatic for a user's Sequential, not only for simple_cnn."""

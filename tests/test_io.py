@@ -1071,3 +1071,30 @@ def test_torch_legacy_file_is_refused_with_a_resave_hint(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     with pytest.raises(WeightsFileError, match="legacy serialization format.*re-save it with PyTorch >= 1.6"):
         load_weights(tmp_path / "legacy.pth")
+
+
+@pytest.mark.parametrize("reader", ["load_weights", "read_metadata"])
+def test_a_safetensors_file_is_read_from_the_file_opened_not_from_its_path_again(tmp_path, monkeypatch, reader):
+    """Issue 20's leftover: the .safetensors reader reopened the file by its path after the checks, so a file put
+    in its place in between (another model, or a FIFO that would block forever) was what it read."""
+    from tinynet.io import files, read_metadata
+
+    path, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    mine = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_weights(mine, path, metadata={"who": "mine"})
+    save_weights({"w": np.zeros((4, 4), np.float32), "b": np.ones(2, np.float32)}, other, metadata={"who": "other"})
+    real = files.open_regular_file
+
+    def open_then_swap(p, refuse):  # the path names another file right after the checked open
+        opened = real(p, refuse)
+        os.replace(other, p)
+        return opened
+
+    monkeypatch.setattr(files, "open_regular_file", open_then_swap)
+    if reader == "load_weights":
+        state, metadata = load_weights(path, with_metadata=True)
+        assert list(state) == ["w"]
+        np.testing.assert_array_equal(state["w"], mine["w"])
+    else:
+        metadata = read_metadata(path)
+    assert metadata == {"who": "mine"}

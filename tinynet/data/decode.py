@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..io.files import open_regular_file
+from ..text import csv_cell
 
 __all__ = [
     "SkippedFile", "DecodeReport", "UnreadableImage",
@@ -479,9 +480,11 @@ def write_skipped(skipped: Sequence[SkippedFile], path) -> None:
     """Write ``skipped`` to ``path`` as tab-separated ``path<TAB>reason`` lines under a header.
 
     Fields holding a tab or a newline are quoted (the csv module's excel-tab
-    dialect); names that are not valid UTF-8 are written with backslash escapes.
+    dialect); names that are not valid UTF-8 are written with backslash escapes;
+    a cell that starts like a spreadsheet formula (a file named ``=cmd|...``) gets
+    a leading ``'`` (:func:`tinynet.text.csv_cell`, as ``predict --csv``).
     """
     with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="") as file:
         writer = csv.writer(file, dialect="excel-tab")
         writer.writerow(["path", "reason"])
-        writer.writerows([entry.path, entry.reason] for entry in skipped)
+        writer.writerows([csv_cell(entry.path), csv_cell(entry.reason)] for entry in skipped)

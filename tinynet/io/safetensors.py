@@ -30,8 +30,9 @@ after the last one).  Around it, tinynet
 
 Dtypes: ``BOOL U8 I8 U16 I16 U32 I32 U64 I64 F16 F32 F64``, and ``BF16``,
 which has no NumPy dtype (the package's NumPy API refuses it) and loads as
-float32, exactly (a bfloat16 is the top half of a float32), from the bytes at
-the offsets the package has validated.  Complex (``C64``) and 8-bit float
+float32, exactly (a bfloat16 is the top half of a float32), from the bytes the
+package has validated.  Every byte is read from the file object opened once and
+checked (:func:`tinynet.io.files.open_weights_file`), never by reopening its path.  Complex (``C64``) and 8-bit float
 (``F8_*``) tensors are refused as unsupported.  Entries come back in header
 order.  The package's writer sorts tensors by dtype size, then name (for
 alignment), so a state dict saved as ``.safetensors`` comes back in that
@@ -144,33 +145,40 @@ def _checked_header(f, path, size: int, limits: Limits) -> tuple[list, dict, int
     return entries, metadata, data_start
 
 
-def read_safetensors_metadata(path, size: int, limits: Limits) -> dict:
-    """The ``__metadata__`` (str -> str) of a ``.safetensors`` file, ``{}`` if it has none; tensors unread."""
-    with open(path, "rb") as f:
-        return _checked_header(f, path, size, limits)[1]
+def read_safetensors_metadata(f, path, size: int, limits: Limits) -> dict:
+    """The ``__metadata__`` (str -> str) of the open ``.safetensors`` file ``f`` (named ``path``), ``{}`` if it
+    has none; tensors unread."""
+    f.seek(0)
+    return _checked_header(f, path, size, limits)[1]
 
 
-def read_safetensors(path, size: int, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
-    """The tensors of the ``.safetensors`` file ``path`` (``size`` bytes long) as NumPy arrays."""
-    with open(path, "rb") as f:
-        entries, _, data_start = _checked_header(f, path, size, limits)
-        out = collections.OrderedDict()
-        try:
-            with safetensors.safe_open(str(path), framework="np") as st:  # validates the layout
-                for key, code, dtype, shape, begin, end in entries:
-                    if code == "BF16":
-                        f.seek(data_start + begin)
-                        array = bfloat16_to_float32(np.frombuffer(f.read(end - begin), dtype).reshape(shape))
-                    else:
-                        array = st.get_tensor(key)
-                    if code == "BOOL":  # a byte other than 0 or 1 would be a bool that is neither
-                        array = array.view(np.uint8) != 0
-                    out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
-        except WeightsFileError:
-            raise
-        except Exception as exc:  # SafetensorError, and whatever else the package or NumPy raise
-            raise WeightsFileError(
-                f"{path}: not a valid .safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
+def read_safetensors(f, path, size: int, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
+    """The tensors of the open ``.safetensors`` file ``f`` (named ``path``, ``size`` bytes long) as NumPy arrays.
+
+    Every byte comes from ``f``, the file whose type and size were checked when it was opened
+    (:func:`tinynet.io.files.open_weights_file`); nothing is reopened by its path, which may name
+    another file by now (a FIFO put in its place would block the reader forever).
+    """
+    f.seek(0)
+    entries, _, data_start = _checked_header(f, path, size, limits)
+    f.seek(0)
+    data = f.read(size + 1)
+    if len(data) != size:
+        raise WeightsFileError(f"{path}: the file changed while it was read ({size} bytes when opened, "
+                               f"{len(data)} read)")
+    try:
+        tensors = dict(safetensors.deserialize(data))  # the package checks that the entries tile the data
+    except Exception as exc:  # SafetensorError, and whatever else the package raises
+        raise WeightsFileError(
+            f"{path}: not a valid .safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    out = collections.OrderedDict()
+    for key, code, dtype, shape, begin, end in entries:
+        array = np.frombuffer(tensors[key]["data"], dtype).reshape(shape)
+        if code == "BF16":  # no NumPy dtype: exactly float32 (a bfloat16 is a float32's top half)
+            array = bfloat16_to_float32(array)
+        elif code == "BOOL":  # a byte other than 0 or 1 would be a bool that is neither
+            array = array.view(np.uint8) != 0
+        out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
     return out
 
 

@@ -114,7 +114,7 @@ def read_metadata(path, **limits) -> dict:
     with file:
         head = file.read(16)
         if safetensors.looks_like_safetensors(head):
-            return safetensors.read_safetensors_metadata(p, size, limits)
+            return safetensors.read_safetensors_metadata(file, p, size, limits)
         file.seek(0)
         return _read(file, p, size, limits)[1]
 
@@ -139,8 +139,8 @@ def _read(file, p: pathlib.Path, size: int, limits: Limits):
         raise WeightsFileError(f"{p}: a single .npy array, not a state dict; save weights with np.savez or "
                                f"tinynet.io.save_weights(state_dict, 'weights.npz')")
     if safetensors.looks_like_safetensors(head):
-        return (safetensors.read_safetensors(p, size, limits),
-                safetensors.read_safetensors_metadata(p, size, limits))
+        return (safetensors.read_safetensors(file, p, size, limits),
+                safetensors.read_safetensors_metadata(file, p, size, limits))
     if size < 9:
         raise WeightsFileError(f"{p}: only {size} bytes, too short for any weights format; the file is truncated")
     raise WeightsFileError(

@@ -89,9 +89,9 @@ class ResNet(Module):
                   self.avgpool, self.flatten, self.fc]
         return epilogues.reorder_relu_maxpool(layers) if fast.enabled() else layers
 
-    def features(self, x):
-        """The pooled features (N, 512), i.e. the input of ``fc``."""
-        stages = self._stages()[:-1]
+    def features(self, x, stages=None):
+        """The pooled features (N, 512), i.e. the input of ``fc`` (``stages``: :meth:`_stages`'s list)."""
+        stages = (self._stages() if stages is None else stages)[:-1]
         if epilogues.can_run_in_place(self, self.conv1, self.bn1):
             # evaluation without gradients: bn1 in place on conv1's output (tinynet.nn.fast.epilogues)
             x = epilogues.conv_bn_eval(self.conv1, self.bn1, x)
@@ -101,10 +101,15 @@ class ResNet(Module):
         return x
 
     def forward(self, x):
-        return self.fc(self.features(x))
+        stages = self._stages()
+        out = self.fc(self.features(x, stages))
+        self._save_for_backward(stages)  # the backward undoes this order, even if the fast-path switch moves
+        return out
 
     def backward(self, dout):
-        for layer in reversed(self._stages()):
+        # (after features() and fc called by hand, no order was saved: the one _stages lists now)
+        (stages,) = self._saved_for_backward() if self._saved else (self._stages(),)
+        for layer in reversed(stages):
             dout = layer.backward(dout)
         return dout
 
