@@ -1,6 +1,7 @@
 """The ``tinynet`` command (tinynet.commands): subcommands, evaluate, and the messages of issue 24."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -388,7 +389,6 @@ def test_onnx_threads_set_onnxruntimes_pool(exported, trained, capsys, monkeypat
 def test_evaluate_report_is_an_evaluations_page_with_file_names(trained, tmp_path, capsys):
     """Before: the training page's headings (split 0 / 0 / 30, "0 epochs", "last epoch's weights", an empty "Data"
     section) and no file names under the mistakes."""
-    import re
 
     run, labelled = trained
     status, _, err = call(capsys, "evaluate", "--weights", run / "best.safetensors", labelled, "--out", tmp_path / "e",
@@ -397,8 +397,9 @@ def test_evaluate_report_is_an_evaluations_page_with_file_names(trained, tmp_pat
     page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
     result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert "<h1>tinynet evaluation: best.safetensors on " in page and "without training" in page
+    text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", page)  # an embedded image may spell a word by chance
     for training_only in ("tinynet run", "epoch", "split", "Training", "<h2>Data</h2>", "Features", "Test set"):
-        assert training_only not in page, training_only
+        assert training_only not in text, training_only
     assert "Confusion matrix (the evaluated folder)" in page and "Per class (the evaluated folder)" in page
     matrix = np.array(result["test"]["confusion_matrix"])
     mistakes = min(16, int(matrix.sum() - np.trace(matrix)))

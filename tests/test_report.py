@@ -66,7 +66,8 @@ def test_report_of_the_bundled_digits_says_what_the_data_was(resnet_run):
     out, metrics = resnet_run
     page = (out / "report.html").read_text(encoding="utf-8")
     assert metrics["config"]["data"] is None
-    assert "null" not in page
+    text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", page)  # an embedded image may hold "null" by chance
+    assert "null" not in text
     described = f"bundled scikit-learn digits ({metrics['images']} of its 1,797 images, rendered to 32x32 RGB)"
     assert f"<h1>tinynet run: resnet on {described}</h1>" in page
     assert f"<tr><td>data</td><td>none: {described}</td></tr>" in page
