@@ -288,8 +288,6 @@ def write_json(path, value) -> pathlib.Path:
 def hardware(device: str) -> dict:
     """What a run's numbers were measured on, for its metrics file: on the GPU also its model, driver,
     CUDA runtime and CuPy versions (:func:`tinynet.backend.gpu_info`)."""
-    from . import backend
-
     info = {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__}
     if backend.normalize_device(device) == "cuda":

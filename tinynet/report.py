@@ -167,7 +167,8 @@ def write_report(out, result: dict, mistakes=(), path=None) -> pathlib.Path:
     path = pathlib.Path(path) if path else out / "report.html"
     evaluation = result.get("kind") == "evaluation"
     figures = [name for name in result.get("figures", []) if (out / name).is_file()]
-    parts = (_evaluation_head(result) if evaluation else _training_head(result)) + _errors(out, result, figures)
+    head = _evaluation_head(result) if evaluation else _training_head(result)
+    parts = head + _errors(out, result, figures, evaluation)
     parts += _mistakes(result, mistakes, evaluation)
     if not evaluation:
         parts += _training_data(out, figures)
@@ -221,9 +222,9 @@ def _evaluation_head(result: dict) -> list[str]:
     return parts + ["<h2>Result</h2>", _table(rows)]
 
 
-def _errors(out: pathlib.Path, result: dict, figures) -> list[str]:
+def _errors(out: pathlib.Path, result: dict, figures, evaluation: bool) -> list[str]:
     """The curves (training) and the confusion matrix with the per-class table."""
-    evaluation, parts = result.get("kind") == "evaluation", []
+    parts = []
     if "curves.png" in figures:
         parts += ["<h2>Training</h2>", _figure(out / "curves.png")]
     scope = "the evaluated folder" if evaluation else "test set, last epoch's weights"

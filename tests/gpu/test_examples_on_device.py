@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import zipfile
@@ -15,15 +14,16 @@ import numpy as np
 import pytest
 
 from cupy_standin.pytest_plugin import ON_STANDIN
+from two_gpus import run_two_ranks
 
 pytestmark = [pytest.mark.gpu]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def environment(report=None, devices=None):
+def environment(report=None):
     import cupy_standin
 
-    env = cupy_standin.standin_env(devices=devices) if ON_STANDIN else dict(os.environ)
+    env = cupy_standin.standin_env() if ON_STANDIN else dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if report is not None:
         env["TINYNET_CUPY_STANDIN_REPORT"] = str(report)
@@ -38,27 +38,9 @@ def run(script, *args, timeout=120, report=None):
 
 
 def run_on_two_gpus(script, *args, timeout=120):
-    """``mpiexec -n 2`` the script, one rank per GPU; in its own session, so that a timeout ends every rank."""
-    pytest.importorskip("mpi4py")
-    mpiexec = pathlib.Path(sys.executable).with_name("mpiexec")
-    if not mpiexec.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    if not ON_STANDIN:
-        from tinynet import backend
-
-        if backend.cuda_collectives().device_count() < 2:
-            pytest.skip("needs two GPUs: NCCL runs one rank per GPU")
-    env = dict(environment(devices=2), OMP_NUM_THREADS="1")
-    job = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, str(ROOT / "examples" / script),
-                            *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    try:
-        stdout, stderr = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        stdout, stderr = job.communicate()
-        pytest.fail(f"mpiexec -n 2 {script} did not end within {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    assert job.returncode == 0, (stdout[-3000:], stderr[-3000:])
+    """``mpiexec -n 2`` the script, one rank per GPU."""
+    returncode, stdout, stderr, _ = run_two_ranks((ROOT / "examples" / script, *args), timeout, script)
+    assert returncode == 0, (stdout[-3000:], stderr[-3000:])
     return stdout
 
 

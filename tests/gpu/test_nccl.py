@@ -16,10 +16,7 @@ over MPI between fake GPUs.  The world-of-one tests need one GPU; the ``mpiexec 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import subprocess
 import sys
 import time
 
@@ -36,15 +33,9 @@ from tinynet.data import DataLoader  # noqa: E402
 
 import test_distributed as cpu  # noqa: E402
 from cupy_standin.pytest_plugin import ON_STANDIN  # noqa: E402
+from two_gpus import run_two_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.gpu]  # on a real GPU, else on the CuPy stand-in (tests/gpu/conftest.py)
-
-
-def gpu_count():
-    try:
-        return backend.cuda_collectives().device_count()
-    except RuntimeError:
-        return 0
 
 
 WIDTH = 16  # ResNet18's width: the float64 steps of the full width take minutes on the stand-in's CPU
@@ -116,36 +107,9 @@ def worker_budget(out):
 
 
 def two_ranks(mode, out, timeout):
-    """``mpiexec -n 2`` this file's worker on 2 GPUs (fake ones on the stand-in); (returncode, stderr, seconds).
-
-    The job runs in its own session, so that a timeout ends every rank (``subprocess.run`` would end
-    mpiexec alone and leave the ranks running).
-    """
-    pytest.importorskip("mpi4py")
-    mpiexec = pathlib.Path(sys.executable).with_name("mpiexec")
-    if not mpiexec.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    if ON_STANDIN:
-        import cupy_standin
-
-        env = cupy_standin.standin_env(devices=2)
-    else:
-        if gpu_count() < 2:
-            pytest.skip("needs two GPUs: NCCL runs one rank per GPU")
-        env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                                 if p]))
-    started = time.monotonic()
-    job = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, __file__, mode, str(out)], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        stdout, stderr = job.communicate()
-        pytest.fail(f"mpiexec -n 2 ({mode}) did not end within {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    return job.returncode, stdout + stderr, time.monotonic() - started
+    """``mpiexec -n 2`` this file's worker on 2 GPUs (fake ones on the stand-in); (returncode, output, seconds)."""
+    returncode, stdout, stderr, seconds = run_two_ranks((__file__, mode, out), timeout, f"({mode})")
+    return returncode, stdout + stderr, seconds
 
 
 @pytest.fixture(scope="module")

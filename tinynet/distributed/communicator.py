@@ -181,11 +181,11 @@ class _Watchdog:
     def leave(self) -> None:
         self.deadline = None
 
-    def queued(self, what: str, timeout: float | None, done) -> None:
-        """Watch a collective queued on the GPU until ``done()`` (a CUDA event's query) is true."""
-        if timeout is not None:
-            began = time.monotonic()
-            self.on_gpu.append((what, began, began + timeout, done))
+    def queued(self, done) -> None:
+        """The collective of the window now watched was only queued on the GPU: keep watching it, under
+        the same name and deadline, after :meth:`leave`, until ``done()`` (a CUDA event's query) is true."""
+        if self.deadline is not None:
+            self.on_gpu.append((self.what, self.began, self.deadline, done))
 
     def _watch(self):
         while True:
@@ -247,7 +247,7 @@ class MPICommunicator(Communicator):
         self._cuda = cuda
         return cuda.nccl.NcclCommunicator(self.size, uid, self.rank)
 
-    def _watch_on_gpu(self, what, timeout):
+    def _watch_on_gpu(self):
         """Keep the NCCL call just queued on the current stream watched until the GPU has run it.
 
         The call returned at once; the wait for the other ranks happens on the GPU.  A CUDA event
@@ -255,7 +255,7 @@ class MPICommunicator(Communicator):
         """
         if self.size > 1:  # a world of one has nobody to wait for
             event = self._cuda.record_event()
-            self._watchdog.queued(what, self.timeout if timeout is None else timeout, lambda: event.done)
+            self._watchdog.queued(lambda: event.done)
 
     def _nccl_dtype(self, dtype):
         nccl = self._cuda.nccl
@@ -287,7 +287,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(buf):
                 self._nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype),
                                      self._cuda.nccl.NCCL_SUM, self._cuda.stream_pointer())
-                self._watch_on_gpu(f"allreduce of {buf.size} values", timeout)  # NCCL only queued it
+                self._watch_on_gpu()  # NCCL only queued it
             else:
                 self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         finally:
@@ -303,7 +303,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(a):
                 self._nccl.allGather(a.data.ptr, out.data.ptr, a.size, self._nccl_dtype(a.dtype),
                                      self._cuda.stream_pointer())
-                self._watch_on_gpu(f"allgather of {a.size} values", timeout)
+                self._watch_on_gpu()
             else:
                 self.comm.Allgather(a, out)
         finally:
@@ -316,7 +316,7 @@ class MPICommunicator(Communicator):
             if self._on_gpu(buf):
                 self._nccl.bcast(buf.data.ptr, buf.size, self._nccl_dtype(buf.dtype), root,
                                  self._cuda.stream_pointer())
-                self._watch_on_gpu(f"broadcast of {buf.size} values", timeout)
+                self._watch_on_gpu()
             else:
                 self.comm.Bcast(buf, root=root)
         finally:

@@ -152,15 +152,16 @@ def read_safetensors_metadata(f, path, size: int, limits: Limits) -> dict:
     return _checked_header(f, path, size, limits)[1]
 
 
-def read_safetensors(f, path, size: int, limits: Limits) -> "collections.OrderedDict[str, np.ndarray]":
-    """The tensors of the open ``.safetensors`` file ``f`` (named ``path``, ``size`` bytes long) as NumPy arrays.
+def read_safetensors(f, path, size: int, limits: Limits) -> "tuple[collections.OrderedDict[str, np.ndarray], dict]":
+    """``(tensors, metadata)`` of the open ``.safetensors`` file ``f`` (named ``path``, ``size`` bytes long):
+    the tensors as NumPy arrays, the ``__metadata__`` as :func:`read_safetensors_metadata` gives it.
 
     Every byte comes from ``f``, the file whose type and size were checked when it was opened
     (:func:`tinynet.io.files.open_weights_file`); nothing is reopened by its path, which may name
     another file by now (a FIFO put in its place would block the reader forever).
     """
     f.seek(0)
-    entries, _, data_start = _checked_header(f, path, size, limits)
+    entries, metadata, _ = _checked_header(f, path, size, limits)
     f.seek(0)
     data = f.read(size + 1)
     if len(data) != size:
@@ -179,7 +180,7 @@ def read_safetensors(f, path, size: int, limits: Limits) -> "collections.Ordered
         elif code == "BOOL":  # a byte other than 0 or 1 would be a bool that is neither
             array = array.view(np.uint8) != 0
         out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
-    return out
+    return out, metadata
 
 
 def write_safetensors(f, arrays, metadata=None) -> None:

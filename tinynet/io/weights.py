@@ -139,8 +139,7 @@ def _read(file, p: pathlib.Path, size: int, limits: Limits):
         raise WeightsFileError(f"{p}: a single .npy array, not a state dict; save weights with np.savez or "
                                f"tinynet.io.save_weights(state_dict, 'weights.npz')")
     if safetensors.looks_like_safetensors(head):
-        return (safetensors.read_safetensors(file, p, size, limits),
-                safetensors.read_safetensors_metadata(file, p, size, limits))
+        return safetensors.read_safetensors(file, p, size, limits)
     if size < 9:
         raise WeightsFileError(f"{p}: only {size} bytes, too short for any weights format; the file is truncated")
     raise WeightsFileError(

@@ -55,7 +55,8 @@ def reorder_relu_maxpool(layers) -> list:
     """``layers`` in the order to run them: every ``ReLU`` directly followed by a ``MaxPool2d`` swapped with it.
 
     A reordering, exact (see the module docstring for why the two orders give the same outputs
-    and gradients); the models use it on the fast path only.  Exact types only (a subclass may
+    and gradients); :class:`~tinynet.nn.Sequential` (every one, ``simple_cnn`` included) and the ResNet
+    stem use it on the fast path only.  Exact types only (a subclass may
     compute something else).  The backward runs the returned list reversed.
     """
     order = list(layers)
