@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import tinynet  # noqa: E402
+from benchmarks.cases import _tn_model  # noqa: E402
 from benchmarks.run import blas_info, cpu_name, isa, matmul_peak  # noqa: E402
 from tinynet import backend, nn  # noqa: E402
-from tinynet.models import resnet18, simple_cnn  # noqa: E402
 
 
 def _flops(layer, x_shape) -> float:
@@ -97,7 +97,7 @@ class Timers:
 
 def profile(model_name: str, batch: int, size: int, train: bool, warmup: int, repeat: int, peak: float):
     tinynet.manual_seed(0)
-    model = simple_cnn(10, image_size=size) if model_name == "cnn" else resnet18(10)
+    model = _tn_model(model_name, 10, size)
     model.set_input_grad(False)
     if not train:
         model.eval()
@@ -171,7 +171,7 @@ def profile(model_name: str, batch: int, size: int, train: bool, warmup: int, re
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("resnet18", "cnn", "both"), default="both")
+    parser.add_argument("--model", choices=("resnet18", "cnn", "user cnn", "both"), default="both")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--eval", action="store_true", help="time the eval forward instead of a training step")

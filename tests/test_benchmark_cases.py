@@ -170,3 +170,16 @@ def test_scaling_grid_times_both_frameworks_and_skips_what_would_not_fit(capsys)
     rows = scaling.grid(args)["rows"]
     assert rows[0]["tinynet_ms"] > 0 and "skipped" not in rows[0]
     assert "multiple of 16" in rows[1]["skipped"]
+
+
+def test_the_pass_after_a_product_is_timed_after_both_and_blas_gets_its_count_back():
+    from benchmarks import gemm_threads
+    from tinynet.nn.fast import gemm
+
+    libs = gemm._blas_libraries()
+    if not libs:
+        pytest.skip("threadpoolctl finds no BLAS to set")
+    before = [lib.get_num_threads() for lib in libs]
+    result = gemm_threads.pass_after_product(repeat=1)
+    assert set(result) == {"after a 1-thread sgemm", "after a 2-thread sgemm"} and min(result.values()) > 0
+    assert [lib.get_num_threads() for lib in libs] == before

@@ -1,9 +1,10 @@
 """How many cores tinynet computes on, and noticing that other programs need some of them.
 
-Two thread pools do tinynet's work on the CPU: the BLAS library's (OpenBLAS
-under NumPy: every matrix product, so most of a convolution) and tinynet's own
-(:func:`tinynet.nn.fast.threads.parallel_for`: the memory-bound passes).  By
-default both use every core this process may run on.
+Two thread pools can do tinynet's work on the CPU: the BLAS library's (OpenBLAS
+under NumPy: the matrix products of the plain path) and tinynet's own
+(:func:`tinynet.nn.fast.threads.parallel_for`: the memory-bound passes, and on the fast
+path the matrix products too, cut into pieces with BLAS held on one thread:
+:mod:`tinynet.nn.fast.gemm`).  By default both use every core this process may run on.
 
 That is right on an idle machine and badly wrong on a busy one.  OpenBLAS's
 threads wait for work by spinning, and a matrix product is only as fast as

@@ -55,8 +55,8 @@ def init(device: str = "cpu", timeout: float | None = None, limit_threads: bool 
     timeout : seconds a collective may wait for the other ranks before the
         job is aborted; default ``TINYNET_DISTRIBUTED_TIMEOUT`` or 600.
     limit_threads : on the CPU, give each rank ``cores / ranks on this machine``
-        BLAS threads (unless ``OMP_NUM_THREADS`` is set), so that N ranks
-        do not run N times as many threads as there are cores.
+        BLAS threads and as many tinynet threads (unless ``OMP_NUM_THREADS``
+        is set), so that N ranks do not run N times as many threads as there are cores.
 
     Started without ``mpiexec``, MPI makes a world of one process.  Raises
     :class:`DistributedError` when mpi4py or the MPI library is missing.
@@ -72,7 +72,9 @@ def init(device: str = "cpu", timeout: float | None = None, limit_threads: bool 
     if limit_threads and device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(max(1, (os.cpu_count() or 1) // comm.local_size))
+        per_rank = max(1, (os.cpu_count() or 1) // comm.local_size)
+        threadpool_limits(per_rank)
+        backend.set_num_threads(per_rank)  # tinynet's own pool, which runs the fast path's products too
     _world = comm
     return comm
 

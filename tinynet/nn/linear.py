@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import fast
+from .fast import gemm as _fast
 from .geometry import positive_int
 from .init import uniform_fan_in
 from .module import Module, Parameter
@@ -68,14 +70,16 @@ class Linear(Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         b = self.bias.data if self.bias is not None else None
-        y, cache = linear_forward(x2, self.weight.data, b)
-        self._save_for_backward(cache, lead)
+        on_fast = fast.enabled()  # the fast path: the same products on tinynet's threads (tinynet.nn.fast.gemm)
+        y, cache = (_fast.linear_forward if on_fast else linear_forward)(x2, self.weight.data, b)
+        self._save_for_backward(cache, lead, on_fast)
         return y.reshape(lead + (self.out_features,))
 
     def backward(self, dout):
-        cache, lead = self._saved_for_backward()
+        cache, lead, on_fast = self._saved_for_backward()
         check_grad(self, dout, lead + (self.out_features,), cache.weight.dtype)
-        dx, dw, db = linear_backward(dout.reshape(-1, self.out_features), cache, need_dx=self.input_grad)
+        backward = _fast.linear_backward if on_fast else linear_backward
+        dx, dw, db = backward(dout.reshape(-1, self.out_features), cache, need_dx=self.input_grad)
         self.weight.accumulate_grad(dw)
         if db is not None:
             self.bias.accumulate_grad(db)

@@ -11,6 +11,8 @@ module                      what it holds
 :mod:`.layout`              the CHWN memory layout (channels first, batch last) and its views
 :mod:`.threads`             the host thread pool (:func:`~.threads.parallel_for`) and the two
                             ways a memory-bound pass is split over it
+:mod:`.gemm`                the matrix products, cut into pieces on that pool with BLAS held on
+                            one thread (OpenBLAS's own threads spin beside the pool's passes)
 :mod:`.workspace`           the reusable host buffers (scratch and a layer's own columns)
 :mod:`.conv`                im2col/col2im on CHWN, the convolution algorithms and the choice
                             between them

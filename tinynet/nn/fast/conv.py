@@ -40,6 +40,7 @@ from typing import NamedTuple
 from ... import backend, kernels
 from ..geometry import conv_output_size, kernel_offsets
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
+from .gemm import matmul
 from .threads import parallel_for
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 from .workspace import LayerBuffers, scratch
@@ -326,9 +327,9 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, grou
     oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
     col = im2col(x, (kh, kw), stride, padding, out=col_buffer)  # (K, M)
     if groups == 1:
-        out2d = w.reshape(c_out, -1) @ col  # W2d (C_out, K) @ col (K, M)
+        out2d = matmul(w.reshape(c_out, -1), col)  # W2d (C_out, K) @ col (K, M)
     else:  # G products (C_out/G, K/G) @ (K/G, M), stacked into (C_out, M)
-        out2d = (w.reshape(groups, c_out // groups, -1) @ _grouped(col, groups)).reshape(c_out, -1)
+        out2d = matmul(w.reshape(groups, c_out // groups, -1), _grouped(col, groups)).reshape(c_out, -1)
     if b is not None:
         out2d += b[:, None]
     out = from_channel_matrix(out2d, (n, c_out, oh, ow))
@@ -358,22 +359,21 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     dout2d = channel_matrix(dout)  # (C_out, M)
     db = dout2d.sum(axis=1) if has_bias else None
     if groups == 1:
-        dw = (dout2d @ col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
+        dw = matmul(dout2d, col.T).reshape(w.shape)  # dW2d = dout2d @ col.T
         w_t, dout_g = w.reshape(c_out, -1).T, dout2d  # W2d.T (K, C_out)
     else:  # per group: dW[g] = dout[g] @ col[g].T, dcol[g] = W[g].T @ dout[g]
         dout_g = _grouped(dout2d, groups)
-        dw = (dout_g @ _grouped(col, groups).transpose(0, 2, 1)).reshape(w.shape)
+        dw = matmul(dout_g, _grouped(col, groups).transpose(0, 2, 1)).reshape(w.shape)
         w_t = w.reshape(groups, c_out // groups, -1).transpose(0, 2, 1)  # (G, K/G, C_out/G)
     dx = None
     if need_dx:
         if _is_pointwise((kh, kw), stride, padding):
-            dcol = w_t @ dout_g  # col2im is the identity: dcol *is* dx, so it must be a new array
+            dcol = matmul(w_t, dout_g)  # col2im is the identity: dcol *is* dx, so it must be a new array
         else:
             # dcol only lives until col2im has summed it into a new dx: this thread's scratch buffer
             # (see workspace.scratch), refilled by the next convolution's backward.
-            xp = backend.get_array_module(dout2d)
             dcol = scratch("conv2d_backward.dcol", col.shape, dout2d.dtype, like=dout2d)
-            xp.matmul(w_t, dout_g, out=dcol if groups == 1 else _grouped(dcol, groups))  # dcol = W2d.T @ dout2d
+            matmul(w_t, dout_g, out=dcol if groups == 1 else _grouped(dcol, groups))  # dcol = W2d.T @ dout2d
         dx = col2im(dcol.reshape(col.shape), x_shape, (kh, kw), stride, padding)
     return dx, dw, db
 

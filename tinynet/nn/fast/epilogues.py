@@ -12,7 +12,9 @@ after the convolution: BatchNorm's output, ReLU's mask, the sum, its mask.
 :func:`conv_bn_eval` applies ``scale`` and ``shift`` in place on the convolution's
 fresh output, then adds the shortcut and takes the ReLU in place: no new array, two
 passes fewer per block, and the same operations in the same order as the layers one
-by one, so the numbers are equal bit for bit.  (These are *epilogues*, not fused
+by one, so the numbers are equal bit for bit.  It runs channel block by channel block
+(:func:`~tinynet.nn.fast.threads.for_channel_blocks`), so the four passes over a block read
+it from the cache, and the blocks are shared by the host threads.  (These are *epilogues*, not fused
 kernels: in tinynet "fused" names only the CUDA twins of :mod:`tinynet.kernels`.)
 Folding BatchNorm into the weights was measured and dropped (docs/performance.md).
 
@@ -45,7 +47,8 @@ from ..module import is_grad_enabled
 from ..norm import BatchNorm2d, batch_norm_eval_scale_shift
 from ..pool import MaxPool2d
 from . import enabled
-from .layout import channel_matrix, from_channel_matrix
+from .layout import from_chwn, to_chwn
+from .threads import for_channel_blocks
 
 __all__ = ["can_run_in_place", "batch_norm_scale_shift", "conv_bn_eval", "conv_bn_eval_plain",
            "reorder_relu_maxpool"]
@@ -116,17 +119,24 @@ def conv_bn_eval(conv, bn, x, relu: bool = False, residual=None):
     bn._check_device(out, bn.running_var)
     xp = backend.get_array_module(out)
     scale, shift = batch_norm_scale_shift(bn, out.dtype)
-    y2 = channel_matrix(out)  # (C_out, M): a view of the convolution's fresh (C_out, OH, OW, N) array
-    y2 *= scale[:, None]  # bn(y) = scale * y + shift, in place
-    y2 += shift[:, None]
-    # y2 is the array written above (a view of ``out``'s memory, or a copy if that layout had none),
-    # so the result is built from it, not from ``out``.
-    y = from_channel_matrix(y2, out.shape)
-    if residual is not None:
-        y += residual  # NCHW views of both: no copy whatever the shortcut's layout
-    if relu:
-        xp.maximum(y, 0, out=y)
-    return y
+    y = to_chwn(out)  # (C_out, OH, OW, N): the convolution's fresh array, written in place
+    if not y.flags.c_contiguous:  # (a convolution's output always is; a copy otherwise, then written)
+        y = xp.ascontiguousarray(y)
+    r = None if residual is None else to_chwn(residual)  # a view, whatever the shortcut's layout
+    c = y.shape[0]
+    scale, shift = scale.reshape(c, 1, 1, 1), shift.reshape(c, 1, 1, 1)
+
+    def block(a, b):  # channels [a, b): every pass over a cache-sized block, on the host threads
+        rows = y[a:b]
+        rows *= scale[a:b]  # bn(y) = scale * y + shift, in place
+        rows += shift[a:b]
+        if r is not None:
+            rows += r[a:b]
+        if relu:
+            xp.maximum(rows, 0, out=rows)
+
+    for_channel_blocks(c, y[0].size, block, y)
+    return from_chwn(y)
 
 
 def conv_bn_eval_plain(conv, bn, x, relu: bool = False, residual=None):

@@ -157,7 +157,6 @@ def batch_norm_input_grad(dy2, xhat, k, dbeta, dgamma, dx2, count=None):
 
 def _backward_train_rows(dy2, xhat, k, dgamma, dbeta, dx2):
     """The training backward of the rows (channels) ``dy2``, written into the other arguments' rows."""
-    xp = backend.get_array_module(dy2)
     dbeta[...] = dy2.sum(axis=1)
     dgamma[...] = _row_dots(dy2, xhat)
     batch_norm_input_grad(dy2, xhat, k, dbeta, dgamma, dx2)

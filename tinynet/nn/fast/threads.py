@@ -1,7 +1,8 @@
 """Host threads for the memory-bound passes, and the two ways a pass is split over them.
 
-NumPy releases the GIL inside its ufuncs and copies, so pieces of one pass on two threads use
-two cores, while the matrix products run on BLAS's own threads.  :func:`parallel_for` runs
+NumPy releases the GIL inside its ufuncs, copies and matrix products, so pieces of one pass on
+two threads use two cores; on the fast path the matrix products are cut into pieces on these
+threads too, with BLAS on one thread (:mod:`.gemm` says why).  :func:`parallel_for` runs
 ``body(start, stop)`` over pieces of a range; :func:`for_channel_blocks` (channels are
 independent: blocks of a few channels, so a chain of passes over a block stays in the core's
 cache) and :func:`for_flat_pieces` (one element-wise pass over the flat memory of arrays laid
@@ -54,7 +55,8 @@ def num_threads() -> int:
 def set_num_threads(n: int | None) -> None:
     """Use ``n`` threads for the memory-bound passes (1: run them on the calling thread; None: the default).
 
-    The matrix products are not affected: their thread count is the BLAS library's own.
+    On the fast path the matrix products are cut over these threads too (:mod:`.gemm`, with BLAS
+    on one thread); on the plain path they run on the BLAS library's own threads.
     """
     global _num_threads, _pool, _pool_workers
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -87,11 +89,11 @@ def parallel_for(n: int, body, elements: int | None = None) -> None:
     """Run ``body(start, stop)`` over consecutive pieces of ``range(n)``, one per thread, and wait.
 
     For the memory-bound passes (copies, element-wise ufuncs, per-channel
-    reductions): NumPy releases the GIL inside them, so pieces of one pass on
-    two threads use two cores while the matrix products are BLAS's own
-    threads.  ``body`` must write only its own piece (pieces never overlap)
-    and must not call a matrix product (BLAS would run threads inside
-    threads).  ``elements`` is the size of the whole pass: below
+    reductions) and the pieces of :func:`tinynet.nn.fast.gemm.matmul`: NumPy
+    releases the GIL inside them, so pieces of one pass on two threads use two
+    cores.  ``body`` must write only its own piece (pieces never overlap) and
+    must not call a matrix product other than a piece of ``gemm.matmul``'s
+    (BLAS on one thread).  ``elements`` is the size of the whole pass: below
     :data:`PARALLEL_MIN_ELEMENTS`, or on one thread, or when called from
     inside a piece, ``body(0, n)`` runs here.  The calling thread runs the
     first piece itself; an exception in any piece is raised here after all
@@ -152,7 +154,7 @@ def for_channel_blocks(channels: int, per_channel: int, body, like, block_elemen
     a result that does not depend on which block the channel was in (true
     for element-wise passes and per-row reductions), so the result is the
     same, bit for bit, on any number of threads.  ``threads=False`` runs every block on the
-    calling thread (the Winograd transforms, where a second thread was measured slower).
+    calling thread (the Winograd transforms, when BLAS keeps threads of its own).
     """
     if not _on_host(like):
         body(0, channels)

@@ -60,6 +60,7 @@ import numpy as np
 
 from ... import backend
 from .layout import channel_matrix, from_chwn, to_chwn
+from .gemm import matmul, owns_threads
 from .threads import for_channel_blocks
 from .workspace import scratch
 
@@ -229,12 +230,13 @@ BLOCK_BYTES = 4 << 20
 def _for_blocks(fn, c, bytes_per_channel, like):
     """``fn(cs)`` for every slice ``cs`` of the channel axis holding about :data:`BLOCK_BYTES` of intermediates.
 
-    The blocks are :func:`tinynet.nn.fast.threads.for_channel_blocks`'s, all on the calling thread (two host
-    threads were measured slower, the BLAS threads sharing the same cores: docs/performance.md);
-    on the GPU, one block.
+    The blocks are :func:`tinynet.nn.fast.threads.for_channel_blocks`'s, shared between the host
+    threads when the products run on those threads too (:func:`~tinynet.nn.fast.gemm.owns_threads`);
+    with BLAS's own threads spinning beside them, a second host thread was measured slower, so
+    then all run on the calling thread (docs/performance.md).  On the GPU, one block.
     """
     for_channel_blocks(c, bytes_per_channel // like.itemsize, lambda a, b: fn(slice(a, b)), like,
-                       block_elements=BLOCK_BYTES // like.itemsize, threads=False)
+                       block_elements=BLOCK_BYTES // like.itemsize, threads=owns_threads())
 
 
 def _pad_block(xc, padding, hp, wp):
@@ -346,7 +348,7 @@ def winograd_forward(x, w, b, padding=(1, 1), m=2, v_buffer=None):
     u = winograd_weights(w, m)                                   # (alpha^2, C_out, C)
     v = input_transform(x, padding, m, out=v_buffer)             # (alpha^2, C, P)
     mm = _scratch_like("winograd.m", (al * al, c_out, th * tw * n), x)
-    xp.matmul(u, v, out=mm)                                      # alpha^2 GEMMs (C_out, C) @ (C, P)
+    matmul(u, v, out=mm)                                         # alpha^2 GEMMs (C_out, C) @ (C, P)
     mm = mm.reshape(al, al, c_out, th, tw, n)
     out = xp.empty((c_out, oh, ow, n), dtype=x.dtype)
     per_channel = x.itemsize * n * th * tw * (m + 1) * al
@@ -443,16 +445,16 @@ def winograd_backward(dout, cache, need_dx=True):
     per_channel = dout.itemsize * n * th * tw * (m + 1) * al
     _for_blocks(lambda cs: _output_adjoint_block(dy[cs], t, dm[:, :, cs]), c_out, per_channel, dout)
     dm = dm.reshape(al * al, c_out, th * tw * n)
-    du = dm @ v.transpose(0, 2, 1)                               # (alpha^2, C_out, C): sum over tiles
+    du = matmul(dm, v.transpose(0, 2, 1))                        # (alpha^2, C_out, C): sum over tiles
     gg = xp.asarray(np.kron(t.G, t.G), dtype=du.dtype)
     dw = (du.reshape(al * al, c_out * c).T @ gg).reshape(w.shape)  # G^T dU G for every (o, c)
     dx = None
     if need_dx:
         dv = _scratch_like("winograd.dv", (al * al, c, th * tw * n), dm)
-        xp.matmul(u.transpose(0, 2, 1), dm, out=dv)              # dV = U^T @ dM
+        matmul(u.transpose(0, 2, 1), dm, out=dv)                 # dV = U^T @ dM
         dv = dv.reshape(al, al, c, th, tw, n)
         dxc = xp.empty((c, h, wd, n), dtype=dout.dtype)
-        hp, wp = m * th + 2, m * tw + 2
+        hp = m * th + 2
         per_channel = dout.itemsize * n * (al + 1) * hp * tw
         _for_blocks(lambda cs: _input_adjoint_block(dv[:, :, cs], t, padding, dxc[cs]), c, per_channel, dout)
         dx = from_chwn(dxc)

@@ -1,0 +1,197 @@
+"""Matrix products on tinynet's own threads, with the BLAS library on one thread.
+
+Two thread pools used to share the cores: OpenBLAS's, for the matrix products, and tinynet's
+(:mod:`.threads`), for the memory-bound passes between them.  OpenBLAS's threads wait for
+their next product by *spinning* (about 0.1 s, its ``THREAD_TIMEOUT``), so every pass that
+followed a product found one core taken by a spinning BLAS thread.  Measured on the 2-core VM
+(``benchmarks/gemm_threads.py``): a 64 MB element-wise pass split over 2 threads took 5.6 ms
+right after a 2-thread sgemm, 2.8 ms after a 1-thread one; this is why BatchNorm's and max
+pooling's 2-thread passes were *slower* than 1-thread ones inside a training step, and why the
+Winograd transforms could not use a second thread.
+
+So on the fast path a product (:func:`matmul`) is cut into pieces that run on tinynet's pool,
+each piece one single-threaded BLAS call, and BLAS is kept on one thread: the first product sets
+it to one and it stays there (:func:`release_blas_threads` gives it its count back), so no BLAS
+thread wakes up to spin.  Measured in one process, alternating rounds
+(``benchmarks/gemm_threads.py``): a ResNet18 training step 573 -> 456 ms, the CNN's 105 -> 97 ms;
+evaluation forwards within the noise.  The pieces:
+
+* a batched product ``(B, M, K) @ (B, K, N)`` (Winograd's alpha^2 products, a grouped
+  convolution's G): whole batch entries;
+* a small result over a long K (a convolution's dW): blocks of :data:`K_BLOCK` of K, whose
+  products are added in order (the same sums on any number of threads, one included; not the
+  bits of one BLAS call);
+* otherwise, blocks of :data:`COLUMN_BLOCK` columns of the result when it has enough of them
+  (im2col's ``W2d @ col``: the pixels), else blocks of rows.
+
+Apart from the K blocks, a piece is whole blocks of :data:`COLUMN_BLOCK` columns (or whole rows,
+or whole batch entries) and K is not cut, so each output element is a sum over the same K in the
+same order.
+Measured with OpenBLAS 0.3.31 (``tests/test_gemm.py``): in float32 every shape tried gives the
+bits of one single-threaded BLAS call on any number of threads (OpenBLAS's own threads do not:
+its 2-thread sgemm differs from its 1-thread one in the last bit for (300, 3000) @ (3000, 256));
+in float64 the last, partial block of columns can differ in the last bit (seen for N = 300).  Small products
+(below :data:`SPLIT_MIN_MACS`) run whole, still on one BLAS thread.  Where threadpoolctl finds
+no BLAS library it can set (:func:`owns_threads` is False), :func:`matmul` is ``numpy.matmul``
+and BLAS keeps its own threads.  CuPy arrays go straight to ``cupy.matmul``.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ... import backend
+from .threads import num_threads, parallel_for
+
+__all__ = ["matmul", "owns_threads", "release_blas_threads", "linear_forward", "linear_backward", "COLUMN_BLOCK",
+           "SPLIT_MIN_MACS", "K_BLOCK"]
+
+#: Columns of the result per piece are a multiple of this (whole register tiles of the BLAS kernels).
+COLUMN_BLOCK = 64
+#: Products with fewer multiply-adds than this are not split (a hand-off costs ~20-50 us).
+SPLIT_MIN_MACS = 1 << 22
+#: A product with a small result and a long K (a convolution's ``dW = dout2d @ col.T``, whose K is
+#: every output pixel of the batch) is cut along K into blocks of this many, and their products
+#: are summed in order; cut by rows or columns, every thread would read the whole of one operand
+#: (the CNN's first dW, (32, 262144) @ (262144, 27): 12.1 ms on BLAS's 2 threads, 8.8 ms in K
+#: blocks on tinynet's 2; cut by rows, its layer's backward went from 14 to 22 ms).
+K_BLOCK = 1 << 14
+
+_lock = threading.Lock()
+_blas = None        # the threadpoolctl controllers of the BLAS libraries, found at the first product
+_held = None        # each library's thread count before tinynet set it to one (None: not held)
+
+
+def _blas_libraries() -> list:
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # noqa: BLE001  (no threadpoolctl, or it cannot read this process: BLAS keeps its threads)
+            _blas = []
+    return _blas
+
+
+def owns_threads() -> bool:
+    """Whether :func:`matmul` runs the products on tinynet's threads (it can set BLAS to one thread)."""
+    return bool(_blas_libraries())
+
+
+def _hold_blas_on_one_thread() -> None:
+    """Set BLAS to one thread, remembering its count for :func:`release_blas_threads`, unless it is at one already."""
+    global _held
+    counts = [lib.get_num_threads() for lib in _blas]
+    if all(n == 1 for n in counts):
+        return
+    with _lock:
+        _held = counts
+        for lib in _blas:
+            lib.set_num_threads(1)
+
+
+def release_blas_threads() -> None:
+    """Give BLAS back the thread count it had before tinynet's first product set it to one.
+
+    tinynet does not do this by itself between products: setting OpenBLAS back to several threads
+    and to one again around every product was measured to cost more than it saves (ResNet18
+    eval forward 192 -> 288 ms), and a step's products follow one another.  Call it when
+    NumPy code of your own, outside tinynet, wants BLAS's threads again; the next product of
+    the fast path takes them back.  :func:`tinynet.cores.set_threads` sets both pools.
+    """
+    global _held
+    with _lock:
+        if _held is not None:
+            for lib, n in zip(_blas, _held):
+                lib.set_num_threads(n)
+            _held = None
+
+
+def _split(shape, k):
+    """How the result (its last two axes (M, N)) is cut: ``(kind, axis, unit)``, or None to run it whole."""
+    m, n = shape[-2:]
+    if len(shape) == 2 and k >= 2 * K_BLOCK and k >= 4 * m * n:
+        return "k", None, K_BLOCK
+    if len(shape) > 2 and shape[0] > 1:
+        return "batch", 0, 1
+    if n >= 2 * COLUMN_BLOCK:
+        return "columns", len(shape) - 1, COLUMN_BLOCK
+    if m >= 2:
+        return "rows", len(shape) - 2, 1
+    return None
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` (NumPy's rules, broadcasting included), into ``out`` if given; see the module's docstring."""
+    if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not owns_threads():
+        xp = backend.get_array_module(a, b)  # CuPy's matmul on the GPU
+        return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
+    _hold_blas_on_one_thread()
+    if a.ndim < 2 or b.ndim < 2:  # a vector: one call
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    if out is None:
+        out = np.empty(shape, np.result_type(a, b))
+    k = a.shape[-1]
+    split = _split(shape, k)
+    if split is not None and split[0] == "k":  # on any number of threads, one thread included: the same sums
+        return _sum_over_k_blocks(a, b, out)
+    if split is None or num_threads() == 1 or int(np.prod(shape)) * k < SPLIT_MIN_MACS:
+        return np.matmul(a, b, out=out)
+    kind, axis, unit = split
+    if len(shape) > 2:  # broadcast the batch axes, so that a piece can slice either operand
+        a, b = np.broadcast_to(a, shape[:-2] + a.shape[-2:]), np.broadcast_to(b, shape[:-2] + b.shape[-2:])
+
+    def piece(start, stop):
+        lo, hi = start * unit, min(stop * unit, shape[axis])
+        if kind == "batch":
+            np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi])
+        elif kind == "columns":  # columns of the result are columns of b
+            np.matmul(a, b[..., lo:hi], out=out[..., lo:hi])
+        else:  # rows of the result are rows of a
+            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+
+    parallel_for(-(-shape[axis] // unit), piece)
+    return out
+
+
+def _sum_over_k_blocks(a, b, out):
+    """``out = sum_i a[:, K_i] @ b[K_i, :]`` over the blocks K_i of :data:`K_BLOCK`, added in order."""
+    k = a.shape[1]
+    blocks = -(-k // K_BLOCK)
+    partial = np.empty((blocks,) + out.shape, out.dtype)
+
+    def piece(start, stop):
+        for i in range(start, stop):
+            cut = slice(i * K_BLOCK, min((i + 1) * K_BLOCK, k))
+            np.matmul(a[:, cut], b[cut], out=partial[i])
+
+    parallel_for(blocks, piece)
+    out[...] = partial[0]
+    for i in range(1, blocks):
+        out += partial[i]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Linear's products (the plain tinynet.nn.linear, with matmul for @)
+# ---------------------------------------------------------------------------
+def linear_forward(x, w, b):
+    """:func:`tinynet.nn.linear.linear_forward` with its product on tinynet's threads."""
+    from ..linear import LinearCache
+
+    y = matmul(x, w.T)
+    if b is not None:
+        y += b
+    return y, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dy, cache, need_dx: bool = True):
+    """:func:`tinynet.nn.linear.linear_backward` with its products on tinynet's threads."""
+    x, w, has_bias = cache
+    dw = matmul(dy.T, x)
+    db = dy.sum(axis=0) if has_bias else None
+    dx = matmul(dy, w) if need_dx else None
+    return dx, dw, db
