@@ -14,7 +14,8 @@ this module adds, and why:
 * **1x1 aliasing.**  A 1x1 stride-1 unpadded convolution reads every pixel once: ``col`` is
   ``x`` itself (a view) and col2im the identity.
 * **Threads.**  im2col and col2im split the channels over the host threads
-  (:mod:`tinynet.nn.fast.threads`).
+  (:mod:`tinynet.nn.fast.threads`), and the products are cut into pieces on the same threads,
+  with BLAS held on one (:func:`tinynet.nn.fast.gemm.matmul`).
 * **CUDA twins.**  On CuPy, im2col and col2im run as one kernel each (:mod:`tinynet.kernels`);
   col2im as a gather, each pixel summing its own contributions (deterministic, no atomics).
 * **Buffers.**  ``col`` (or Winograd's V) is written into a buffer the layer owns, and ``dcol``

@@ -4,17 +4,17 @@ Two thread pools used to share the cores: OpenBLAS's, for the matrix products, a
 (:mod:`.threads`), for the memory-bound passes between them.  OpenBLAS's threads wait for
 their next product by *spinning* (about 0.1 s, its ``THREAD_TIMEOUT``), so every pass that
 followed a product found one core taken by a spinning BLAS thread.  Measured on the 2-core VM
-(``benchmarks/gemm_threads.py``): a 64 MB element-wise pass split over 2 threads took 5.6 ms
-right after a 2-thread sgemm, 2.8 ms after a 1-thread one; this is why BatchNorm's and max
-pooling's 2-thread passes were *slower* than 1-thread ones inside a training step, and why the
-Winograd transforms could not use a second thread.
+(``benchmarks/gemm_threads.py``, three runs): a 64 MB element-wise pass split over 2 threads took
+5.8-6.5 ms right after a 2-thread sgemm, 3.1-4.5 ms after a 1-thread one.  That is the likely
+reason why BatchNorm's and max pooling's 2-thread passes were no faster than 1-thread ones inside
+a training step, and why the Winograd transforms were slower on a second thread.
 
 So on the fast path a product (:func:`matmul`) is cut into pieces that run on tinynet's pool,
 each piece one single-threaded BLAS call, and BLAS is kept on one thread: the first product sets
 it to one and it stays there (:func:`release_blas_threads` gives it its count back), so no BLAS
 thread wakes up to spin.  Measured in one process, alternating rounds
-(``benchmarks/gemm_threads.py``): a ResNet18 training step 573 -> 456 ms, the CNN's 105 -> 97 ms;
-evaluation forwards within the noise.  The pieces:
+(``benchmarks/gemm_threads.py --no-torch``): a ResNet18 training step 626 -> 542 ms, its eval
+forward 218 -> 204 ms, the CNN's step 98 -> 92 ms (docs/performance.md has every case).  The pieces:
 
 * a batched product ``(B, M, K) @ (B, K, N)`` (Winograd's alpha^2 products, a grouped
   convolution's G): whole batch entries;
@@ -30,8 +30,8 @@ same order.
 Measured with OpenBLAS 0.3.31 (``tests/test_gemm.py``): in float32 every shape tried gives the
 bits of one single-threaded BLAS call on any number of threads (OpenBLAS's own threads do not:
 its 2-thread sgemm differs from its 1-thread one in the last bit for (300, 3000) @ (3000, 256));
-in float64 the last, partial block of columns can differ in the last bit (seen for N = 300).  Small products
-(below :data:`SPLIT_MIN_MACS`) run whole, still on one BLAS thread.  Where threadpoolctl finds
+in float64 the last, partial block of columns can differ in the last bit (seen for N = 300).
+Small products (below :data:`SPLIT_MIN_MACS`) run whole, still on one BLAS thread.  Where threadpoolctl finds
 no BLAS library it can set (:func:`owns_threads` is False), :func:`matmul` is ``numpy.matmul``
 and BLAS keeps its own threads.  CuPy arrays go straight to ``cupy.matmul``.
 """
