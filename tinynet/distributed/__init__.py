@@ -74,7 +74,8 @@ def init(device: str = "cpu", timeout: float | None = None, limit_threads: bool 
 
         per_rank = max(1, (os.cpu_count() or 1) // comm.local_size)
         threadpool_limits(per_rank)
-        backend.set_num_threads(per_rank)  # tinynet's own pool, which runs the fast path's products too
+        if comm.local_size > 1:  # tinynet's own pool, which runs the fast path's products too
+            backend.set_num_threads(per_rank)
     _world = comm
     return comm
 
