@@ -55,8 +55,9 @@ def init(device: str = "cpu", timeout: float | None = None, limit_threads: bool 
     timeout : seconds a collective may wait for the other ranks before the
         job is aborted; default ``TINYNET_DISTRIBUTED_TIMEOUT`` or 600.
     limit_threads : on the CPU, give each rank ``cores / ranks on this machine``
-        BLAS threads and as many tinynet threads (unless ``OMP_NUM_THREADS``
-        is set), so that N ranks do not run N times as many threads as there are cores.
+        BLAS threads (unless ``OMP_NUM_THREADS`` is set), and as many tinynet threads
+        when several ranks share the machine, so that N ranks do not run N times as many
+        threads as there are cores.
 
     Started without ``mpiexec``, MPI makes a world of one process.  Raises
     :class:`DistributedError` when mpi4py or the MPI library is missing.
