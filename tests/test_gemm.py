@@ -142,7 +142,10 @@ def test_products_from_several_python_threads(threads, rng):
 
 
 @needs_blas_control
-def test_every_product_of_a_fast_training_step_runs_with_blas_on_one_thread(threads, rng, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd_f2"])
+def test_every_product_of_a_fast_training_step_runs_with_blas_on_one_thread(threads, rng, monkeypatch, algorithm):
+    from tinynet.nn.fast import conv
+
     threads(2)
     tinynet.manual_seed(0)
     model = resnet18(10, width=8)
@@ -150,11 +153,13 @@ def test_every_product_of_a_fast_training_step_runs_with_blas_on_one_thread(thre
     loss_fn = nn.CrossEntropyLoss()
     x = rng.standard_normal((8, 3, 64, 64)).astype(np.float32)
     y = rng.integers(0, 10, 8)
+    gemm.release_blas_threads()  # BLAS at its own count when the step starts
     seen = record_blas_threads_of_every_product(monkeypatch)
-    opt.zero_grad()
-    loss = loss_fn(model(x), y)
-    model.backward(loss_fn.backward())
-    opt.step()
+    with conv.algorithm(algorithm):  # Winograd forced where it applies (the 3x3 stride-1 layers)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
     monkeypatch.undo()
     assert np.isfinite(float(loss))
     # 20 convolutions and 2 linear layers, forward and backward: each product is one or more calls

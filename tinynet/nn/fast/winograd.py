@@ -217,7 +217,7 @@ def winograd_weights(w, m):
     t = transform(m)
     c_out, c = w.shape[:2]
     gg = xp.asarray(np.kron(t.G, t.G), dtype=w.dtype)
-    return (gg @ w.reshape(c_out * c, 9).T).reshape(t.alpha ** 2, c_out, c)
+    return matmul(gg, w.reshape(c_out * c, 9).T).reshape(t.alpha ** 2, c_out, c)
 
 
 #: Bytes of one channel block's intermediates (padded rows, half-transformed tiles).  The
@@ -447,7 +447,7 @@ def winograd_backward(dout, cache, need_dx=True):
     dm = dm.reshape(al * al, c_out, th * tw * n)
     du = matmul(dm, v.transpose(0, 2, 1))                        # (alpha^2, C_out, C): sum over tiles
     gg = xp.asarray(np.kron(t.G, t.G), dtype=du.dtype)
-    dw = (du.reshape(al * al, c_out * c).T @ gg).reshape(w.shape)  # G^T dU G for every (o, c)
+    dw = matmul(du.reshape(al * al, c_out * c).T, gg).reshape(w.shape)  # G^T dU G for every (o, c)
     dx = None
     if need_dx:
         dv = _scratch_like("winograd.dv", (al * al, c, th * tw * n), dm)
