@@ -10,9 +10,10 @@ real pixel (for max pooling the others read ``-inf`` and are skipped, for
 average pooling they read 0 and add nothing).
 
 Max pooling makes 4 passes per window cell forward and 3 backward; channels
-are independent, so both run on blocks of a few channels (about 256 KB,
+are independent, so both run on blocks of a few channels (about 256 KB forward,
+4 MB backward: :data:`ROUTE_BLOCK_ELEMENTS`;
 :func:`tinynet.nn.fast.threads.for_channel_blocks`), where the passes stay in
-the core's cache, shared between the threads.  Non-overlapping windows
+the caches, shared between the threads.  Non-overlapping windows
 (stride >= kernel) write their routed gradient instead of adding it to a zeroed
 dx.  The result is the same, bit for bit, on any number of threads.  On CuPy
 the forward and the backward are one CUDA kernel each (:mod:`tinynet.kernels`).
@@ -169,6 +170,14 @@ def _route_chwn_fused(doutc, argmax, x_chwn_shape, kernel, stride, padding):
     return dx
 
 
+#: Elements of dx per block of the max-pool backward (4 MB of float32): its three passes per window
+#: cell are short, so with the forward's 256 KB blocks (one channel of the ResNet stem's input) the
+#: NumPy calls cost more than the cache saves.  Stem pool backward (64 channels, 32x32, batch 64):
+#: 11.2 ms in 64K-element blocks, 5.6 in 256K, 5.3 in 1M; the CNN's 4x4 pool 5.4 -> 4.4 ms (2 threads,
+#: one process, alternating).  The forward keeps 64K: it gained nothing from larger blocks.
+ROUTE_BLOCK_ELEMENTS = 1 << 20
+
+
 @kernels.fused(_route_chwn_fused)
 def _route_chwn(doutc, argmax, x_chwn_shape, kernel, stride, padding):
     """dx (C, H, W, N): each ``doutc`` (C, OH, OW, N) value added to its window's maximum.
@@ -184,7 +193,8 @@ def _route_chwn(doutc, argmax, x_chwn_shape, kernel, stride, padding):
     # it can be written (=) instead of accumulated, one pass less per window cell.
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     for_channel_blocks(c, h * w * n, lambda a, b: _route_channels(doutc[a:b], argmax[a:b], dx[a:b], cells,
-                                                                   kernel[1], overlap), like=doutc)
+                                                                   kernel[1], overlap), like=doutc,
+                       block_elements=ROUTE_BLOCK_ELEMENTS)
     return dx
 
 
