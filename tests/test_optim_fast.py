@@ -43,7 +43,9 @@ def reference_adam(params, grads_per_step, lr, betas, eps, wd, decoupled, dtype)
     return w, m, v, t
 
 
-SHAPES = [(600, 300), (3, 70000), (64, 32, 3, 3), (17,), (), (0, 4), (1, 200000)]
+# The last shape spans several blocks of optimizer.CHUNK_ELEMENTS (rows of one parameter in several blocks).
+SHAPES = [(600, 300), (3, 70000), (64, 32, 3, 3), (17,), (), (0, 4), (1, 200000),
+          (7, (5 * optimizer.CHUNK_ELEMENTS) // 14 + 3)]
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
