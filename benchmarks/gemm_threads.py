@@ -62,6 +62,14 @@ def pass_after_product(repeat: int = 21) -> dict:
     return result
 
 
+def products_on(owner: list, libs: list) -> None:
+    """Give BLAS its own thread count back (the round before may have held it at one), then let
+    ``gemm`` own the products (``owner`` = the BLAS libraries) or leave them to BLAS (``[]``)."""
+    gemm._blas = libs
+    gemm.release_blas_threads()
+    gemm._blas = owner
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet18", "cnn", "user cnn"])
@@ -94,12 +102,9 @@ def main(argv=None) -> int:
             rows: dict = {}
             for _ in range(args.rounds):
                 for label, owner in (("BLAS's threads", []), ("tinynet's threads", libs)):
-                    gemm._blas = libs
-                    gemm.release_blas_threads()  # BLAS's own thread count again (the round before held it at one)
-                    gemm._blas = owner
+                    products_on(owner, libs)
                     rows.setdefault(label, []).append(statistics.median(time_cpu(step, 2, args.steps)))
-                gemm._blas = libs
-                gemm.release_blas_threads()  # PyTorch's turn: NumPy's BLAS as a user would have it
+                products_on(libs, libs)  # PyTorch's turn: NumPy's BLAS at its own count, as a user would have it
                 if th is not None:
                     rows.setdefault("PyTorch", []).append(statistics.median(time_cpu(th, 2, args.steps)))
             cells = {label: 1000 * statistics.median(v) for label, v in rows.items()}

@@ -109,38 +109,41 @@ def release_blas_threads() -> None:
             _held = None
 
 
+#: Where each kind of piece cuts the result: ``(axis, unit)``.
+_CUTS = {"batch": (0, 1), "columns": (-1, COLUMN_BLOCK), "rows": (-2, 1)}
+
+
 def _split(shape, k):
-    """How the result (its last two axes (M, N)) is cut: ``(kind, axis, unit)``, or None to run it whole."""
+    """How the result (its last two axes (M, N)) is cut: "k", "batch", "columns", "rows", or None to run it whole."""
     m, n = shape[-2:]
     if len(shape) == 2 and k >= 2 * K_BLOCK and k >= 4 * m * n:
-        return "k", None, K_BLOCK
+        return "k"
     if len(shape) > 2 and shape[0] > 1:
-        return "batch", 0, 1
+        return "batch"
     if n >= 2 * COLUMN_BLOCK:
-        return "columns", len(shape) - 1, COLUMN_BLOCK
+        return "columns"
     if m >= 2:
-        return "rows", len(shape) - 2, 1
+        return "rows"
     return None
 
 
 def matmul(a, b, out=None):
     """``a @ b`` (NumPy's rules, broadcasting included), into ``out`` if given; see the module's docstring."""
     if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not owns_threads():
-        xp = backend.get_array_module(a, b)  # CuPy's matmul on the GPU
-        return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
+        return backend.get_array_module(a, b).matmul(a, b, out=out)  # CuPy's matmul on the GPU
     _hold_blas_on_one_thread()
     if a.ndim < 2 or b.ndim < 2:  # a vector: one call
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        return np.matmul(a, b, out=out)
     shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
     if out is None:
         out = np.empty(shape, np.result_type(a, b))
     k = a.shape[-1]
-    split = _split(shape, k)
-    if split is not None and split[0] == "k":  # on any number of threads, one thread included: the same sums
+    kind = _split(shape, k)
+    if kind == "k":  # on any number of threads, one thread included: the same sums
         return _sum_over_k_blocks(a, b, out)
-    if split is None or num_threads() == 1 or int(np.prod(shape)) * k < SPLIT_MIN_MACS:
+    if kind is None or num_threads() == 1 or int(np.prod(shape)) * k < SPLIT_MIN_MACS:
         return np.matmul(a, b, out=out)
-    kind, axis, unit = split
+    axis, unit = _CUTS[kind]
     if len(shape) > 2:  # broadcast the batch axes, so that a piece can slice either operand
         a, b = np.broadcast_to(a, shape[:-2] + a.shape[-2:]), np.broadcast_to(b, shape[:-2] + b.shape[-2:])
 
