@@ -70,6 +70,11 @@ def blas_info() -> list:
             for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
+def blas_summary() -> str:
+    """The BLAS libraries NumPy uses, in one line: ``openblas 0.3.31 (SkylakeX), ...``."""
+    return ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']})" for b in blas_info()) or "unknown"
+
+
 def blas_threads() -> int:
     infos = blas_info()
     return int(infos[0]["num_threads"]) if infos else (os.cpu_count() or 1)

@@ -20,6 +20,9 @@ this module adds, and why:
   col2im as a gather, each pixel summing its own contributions (deterministic, no atomics).
 * **Buffers.**  ``col`` (or Winograd's V) is written into a buffer the layer owns, and ``dcol``
   into this thread's scratch buffer (:mod:`tinynet.nn.fast.workspace`).
+* **Chunks without gradients.**  Under ``no_grad`` nothing keeps ``col``, so a large im2col
+  convolution fills and multiplies it a few output rows at a time, each chunk on one thread while
+  it is in that core's cache (:func:`forward_in_chunks`), with the bits of the whole product.
 * **Algorithms.**  Stride-1 3x3 ungrouped convolutions may run as Winograd F(2x2, 3x3)
   (:mod:`tinynet.nn.fast.winograd`): 4 instead of 9 multiplications per output, and a 4x copy of
   the input kept for the backward instead of col's 9x.  :func:`choose_algorithm` picks one per
@@ -38,15 +41,18 @@ import contextlib
 import threading
 from typing import NamedTuple
 
+import numpy as np
+
 from ... import backend, kernels
 from ..geometry import conv_output_size, kernel_offsets
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
-from .gemm import matmul
-from .threads import parallel_for
+from .gemm import SPLIT_MIN_MACS, matmul, matmul_here, owns_threads
+from .threads import num_threads, parallel_for
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 from .workspace import LayerBuffers, scratch
 
 __all__ = ["Im2colCache", "ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "layer_forward",
+           "forward_in_chunks", "CHUNKED_MIN_COL_BYTES", "CHUNK_BYTES",
            "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK"]
 
 
@@ -76,6 +82,24 @@ def _zero_outside(a, rows: slice, cols: slice) -> None:
     a[:, rows.stop:] = 0
     a[:, rows, :cols.start] = 0
     a[:, rows, cols.stop:] = 0
+
+
+def _copy_fields(xc, cells, sh, col, r0, r1):
+    """``col`` (c, KH, KW, r1 - r0, OW, N) <- the receptive fields of output rows ``[r0, r1)`` of ``xc`` (c, H, W, N).
+
+    ``cells`` are :func:`~tinynet.nn.geometry.kernel_offsets`'s; ``sh`` the stride along H.
+    """
+    for i, j, rows, cols, in_rows, in_cols in cells:
+        # Every receptive-field entry at kernel offset (i, j), for the whole batch: the output rows
+        # y0..y1 of [r0, r1) whose cell (i, j) lies inside the image read input rows first, first+sh, ...
+        y0, y1 = max(rows.start, r0), min(rows.stop, r1)
+        dst = col[:, i, j]
+        if y0 >= y1:
+            dst[...] = 0
+            continue
+        first = in_rows.start + sh * (y0 - rows.start)
+        dst[:, y0 - r0:y1 - r0, cols] = xc[:, first:first + sh * (y1 - y0):sh, in_cols]
+        _zero_outside(dst, slice(y0 - r0, y1 - r0), cols)
 
 
 _IM2COL = kernels.define(
@@ -114,10 +138,7 @@ def _fill_columns(xc, kernel, stride, padding, out):
     cells = list(kernel_offsets(kernel, stride, padding, (h, w), (oh, ow)))
 
     def fill(a, b):
-        for i, j, rows, cols, in_rows, in_cols in cells:
-            # Every receptive-field entry at kernel offset (i, j), for the whole batch.
-            out[a:b, i, j, rows, cols] = xc[a:b, in_rows, in_cols]
-            _zero_outside(out[a:b, i, j], rows, cols)
+        _copy_fields(xc[a:b], cells, stride[0], out[a:b], 0, oh)
 
     if backend.is_cupy_array(xc):  # (without fused kernels) the GPU needs no host threads
         fill(0, c)
@@ -379,6 +400,74 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     return dx, dw, db
 
 
+#: Without gradients, an im2col convolution whose columns would take at least this many bytes is
+#: computed in chunks of output rows (:func:`forward_in_chunks`).  Below it the whole product
+#: measured as fast (docs/performance.md, "im2col in chunks without gradients").
+CHUNKED_MIN_COL_BYTES = 8 << 20
+#: About this many bytes of columns per chunk (at least one output row, and at least two chunks
+#: per thread where the rows allow it).
+CHUNK_BYTES = 4 << 20
+
+
+def _chunk_geometry(x, w_shape, stride, padding):
+    """``(OH, OW, K, rows per chunk)`` of :func:`forward_in_chunks` for input ``x``."""
+    (n, c, h, wd), (_, _, kh, kw) = x.shape, w_shape
+    oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(wd, kw, stride[1], padding[1])
+    k = c * kh * kw
+    return oh, ow, k, max(1, min(CHUNK_BYTES // (k * ow * n * x.itemsize), -(-oh // (2 * num_threads()))))
+
+
+def _chunks_pay(x, w_shape, stride, padding, groups) -> bool:
+    """Whether :func:`layer_forward` without gradients runs :func:`forward_in_chunks`.
+
+    Host arrays, ungrouped, not a 1x1 that reads ``x`` itself, products on tinynet's threads,
+    ``col`` of at least :data:`CHUNKED_MIN_COL_BYTES`, and one output row's product at least
+    :data:`~tinynet.nn.fast.gemm.SPLIT_MIN_MACS` multiply-adds: BLAS libraries run small products
+    through other kernels (OpenBLAS below about 10^6), whose sums may round differently.
+    """
+    if groups != 1 or _is_pointwise(tuple(w_shape[2:]), stride, padding) or backend.is_cupy_array(x) \
+            or not owns_threads():
+        return False
+    oh, ow, k, _ = _chunk_geometry(x, w_shape, stride, padding)
+    row = ow * x.shape[0]
+    return k * oh * row * x.itemsize >= CHUNKED_MIN_COL_BYTES and w_shape[0] * k * row >= SPLIT_MIN_MACS
+
+
+def forward_in_chunks(x, w, b, stride=(1, 1), padding=(0, 0)):
+    """The im2col convolution without what a backward needs: ``out`` of :func:`conv2d_forward`, bit for bit.
+
+    The output rows are cut into chunks; each thread fills one chunk's columns into its own
+    scratch buffer and multiplies them at once, while they are still in its core's cache, instead
+    of writing the whole ``col`` to memory and reading it back.  A column of the result is the
+    same dot products over the same K either way (the whole product is cut into column blocks as
+    well, :mod:`tinynet.nn.fast.gemm`), so the bits are those of the forward that keeps ``col``.
+    For ungrouped convolutions of host arrays, when the products run on tinynet's threads.
+    """
+    c_out, c, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    oh, ow, k, rows = _chunk_geometry(x, w.shape, stride, padding)
+    xc = to_chwn(x)
+    if not xc.flags.c_contiguous:
+        xc = np.ascontiguousarray(xc)  # the images entering the first layer are NCHW (see im2col)
+    cells = list(kernel_offsets((kh, kw), stride, padding, (h, wd), (oh, ow)))
+    w2d, row = w.reshape(c_out, k), ow * n  # a row of output pixels is ow * n columns
+    out2d = np.empty((c_out, oh * row), dtype=np.result_type(x, w))
+
+    def chunks(first, stop):
+        buffer = scratch("conv2d_forward.chunk", (k * rows * row,), x.dtype, like=x)
+        for chunk in range(first, stop):
+            r0, r1 = chunk * rows, min(oh, (chunk + 1) * rows)
+            col = buffer[:k * (r1 - r0) * row].reshape(c, kh, kw, r1 - r0, ow, n)
+            _copy_fields(xc, cells, stride[0], col, r0, r1)
+            part = out2d[:, r0 * row:r1 * row]
+            matmul_here(w2d, col.reshape(k, -1), out=part)  # this thread's share: one BLAS call
+            if b is not None:
+                part += b[:, None]
+
+    parallel_for(-(-oh // rows), chunks)
+    return from_channel_matrix(out2d, (n, c_out, oh, ow))
+
+
 def layer_forward(x, w, b, stride, padding, groups, buffers: LayerBuffers, keep: bool):
     """:class:`~tinynet.nn.Conv2d`'s fast forward: ``(out, cache, buffer)``.
 
@@ -388,6 +477,8 @@ def layer_forward(x, w, b, stride, padding, groups, buffers: LayerBuffers, keep:
     forward returns (``keep=False``).  ``buffer`` is None where nothing is kept (a 1x1 conv).
     """
     algo = choose_algorithm(x, w.shape, stride, padding, groups)
+    if not keep and algo == "im2col" and _chunks_pay(x, w.shape, stride, padding, groups):
+        return forward_in_chunks(x, w, b, stride, padding), None, None
     shape = _cached_shape(algo, x.shape, tuple(w.shape[2:]), stride, padding)
     buffer = None if shape is None else buffers.take("conv2d_forward.col", shape, x, keep)
     out, cache = conv2d_forward(x, w, b, stride, padding, buffer, groups, algo)

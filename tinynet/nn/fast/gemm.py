@@ -44,8 +44,8 @@ import numpy as np
 from ... import backend
 from .threads import num_threads, parallel_for
 
-__all__ = ["matmul", "owns_threads", "release_blas_threads", "linear_forward", "linear_backward", "COLUMN_BLOCK",
-           "SPLIT_MIN_MACS", "K_BLOCK"]
+__all__ = ["matmul", "matmul_here", "owns_threads", "release_blas_threads", "linear_forward", "linear_backward",
+           "COLUMN_BLOCK", "SPLIT_MIN_MACS", "K_BLOCK"]
 
 #: Columns of the result per piece are a multiple of this (whole register tiles of the BLAS kernels).
 COLUMN_BLOCK = 64
@@ -158,6 +158,18 @@ def matmul(a, b, out=None):
 
     parallel_for(-(-shape[axis] // unit), piece)
     return out
+
+
+def matmul_here(a, b, out=None):
+    """``a @ b`` as one BLAS call on the calling thread, BLAS held on one thread like :func:`matmul`'s.
+
+    For a product that is already one thread's share of a pass on tinynet's pool (a chunk of
+    :func:`tinynet.nn.fast.conv.forward_in_chunks`): not cut further, so its bits are those of one
+    single-threaded call whatever :func:`matmul` would have cut.
+    """
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and owns_threads():
+        _hold_blas_on_one_thread()
+    return backend.get_array_module(a, b).matmul(a, b, out=out)
 
 
 def _sum_over_k_blocks(a, b, out):

@@ -41,7 +41,8 @@ def scratch(name: str, shape, dtype, like):
     never returns the buffer, a view of it, or keeps it in a cache.  Users:
     ``conv2d_backward.dcol`` (summed into a new dx by col2im),
     ``conv2d_forward.col`` (im2col, or Winograd's V, under ``no_grad``, consumed
-    by the GEMM), ``winograd.*`` (the padded tiles, half-transformed tiles and
+    by the GEMM), ``conv2d_forward.chunk`` (one chunk of im2col's columns, each
+    host thread's own, in :func:`tinynet.nn.fast.conv.forward_in_chunks`), ``winograd.*`` (the padded tiles, half-transformed tiles and
     the products M, dM, dV of :mod:`tinynet.nn.winograd`, each used within one
     forward or backward) and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
     allocations, so a fresh array is returned.
