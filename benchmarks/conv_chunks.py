@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.cases import tinynet_eval_forward  # noqa: E402
-from benchmarks.run import blas_summary, cpu_name, isa  # noqa: E402
+from benchmarks.run import blas_summary, cpu_name, isa, matmul_peak  # noqa: E402
 from tinynet import nn  # noqa: E402
 from tinynet.nn.fast import conv  # noqa: E402
 
@@ -66,13 +66,15 @@ def main(argv=None):
     parser.add_argument("--chunk-mb", type=float, nargs="+", default=[4.0])
     parser.add_argument("--no-models", action="store_true", help="skip the models' eval forwards")
     args = parser.parse_args(argv)
-    print(f"CPU {cpu_name()}, ISA {isa()}; NumPy BLAS: {blas_summary()}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}")
+    env = {name: os.environ.get(name) for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    print(f"CPU {cpu_name()}, ISA {isa()}, float32 matmul peak {matmul_peak('cpu'):.0f} GFLOP/s")
+    print(f"  NumPy BLAS: {blas_summary()}; " + " ".join(f"{name}={value}" for name, value in env.items()))
     default = (conv.CHUNKED_MIN_COL_BYTES, conv.CHUNK_BYTES)
     settings = [("whole", (1 << 62, default[1]))] + [
         (f"chunks {mb:g} MB", (0, int(mb * (1 << 20)))) for mb in args.chunk_mb]
     rng = np.random.default_rng(0)
-    print(f"\nOne Conv2d under no_grad, batch {args.batch} (16 for the 224 px stem), medians of {args.rounds} rounds, ms")
+    print(f"\nOne Conv2d under no_grad, batch {args.batch} (16 for the 224 px stem), "
+          f"medians of {args.rounds} rounds, ms")
     print(f"{'layer':38s}" + "".join(f"{name:>16s}" for name, _ in settings) + "   bits")
     for label, c, c_out, h, k, s, p in SHAPES:
         n = 16 if "224" in label else args.batch
@@ -108,7 +110,8 @@ def main(argv=None):
                 _setting(*value)
                 times[name].append(_timed(step, args.repeat))
         _setting(*default)
-        print(f"{model:38s}" + "".join(f"{name}: {statistics.median(times[name]):8.2f}   " for name, _ in model_settings))
+        print(f"{model:38s}"
+              + "".join(f"{name}: {statistics.median(times[name]):8.2f}   " for name, _ in model_settings))
 
 
 if __name__ == "__main__":
