@@ -46,7 +46,7 @@ import numpy as np
 from ... import backend, kernels
 from ..geometry import conv_output_size, kernel_offsets
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
-from .gemm import SPLIT_MIN_MACS, matmul, matmul_here, owns_threads
+from .gemm import SPLIT_MIN_MACS, hold_blas_threads, matmul, owns_threads
 from .threads import num_threads, parallel_for
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 from .workspace import LayerBuffers, scratch
@@ -443,6 +443,8 @@ def forward_in_chunks(x, w, b, stride=(1, 1), padding=(0, 0)):
     well, :mod:`tinynet.nn.fast.gemm`), so the bits are those of the forward that keeps ``col``.
     For ungrouped convolutions of host arrays, when the products run on tinynet's threads.
     """
+    if not hold_blas_threads():  # BLAS keeps threads of its own: no products inside the pool's pieces
+        return conv2d_forward(x, w, b, stride, padding, algorithm="im2col")[0]
     c_out, c, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow, k, rows = _chunk_geometry(x, w.shape, stride, padding)
@@ -460,7 +462,7 @@ def forward_in_chunks(x, w, b, stride=(1, 1), padding=(0, 0)):
             col = buffer[:k * (r1 - r0) * row].reshape(c, kh, kw, r1 - r0, ow, n)
             _copy_fields(xc, cells, stride[0], col, r0, r1)
             part = out2d[:, r0 * row:r1 * row]
-            matmul_here(w2d, col.reshape(k, -1), out=part)  # this thread's share: one BLAS call
+            np.matmul(w2d, col.reshape(k, -1), out=part)  # one BLAS call, BLAS held on one thread above
             if b is not None:
                 part += b[:, None]
 

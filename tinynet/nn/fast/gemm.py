@@ -32,8 +32,9 @@ bits of one single-threaded BLAS call on any number of threads (OpenBLAS's own t
 its 2-thread sgemm differs from its 1-thread one in the last bit for (300, 3000) @ (3000, 256));
 in float64 the last, partial block of columns can differ in the last bit (seen for N = 300).
 Small products (below :data:`SPLIT_MIN_MACS`) run whole, still on one BLAS thread.  Where threadpoolctl finds
-no BLAS library it can set (:func:`owns_threads` is False), :func:`matmul` is ``numpy.matmul``
-and BLAS keeps its own threads.  CuPy arrays go straight to ``cupy.matmul``.
+no BLAS library it can set (:func:`owns_threads` is False), or cannot set it from this thread (another
+thread controls it, :func:`hold_blas_threads`), :func:`matmul` is ``numpy.matmul`` and BLAS keeps its
+own threads.  CuPy arrays go straight to ``cupy.matmul``.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import numpy as np
 from ... import backend
 from .threads import num_threads, parallel_for
 
-__all__ = ["matmul", "matmul_here", "owns_threads", "release_blas_threads", "linear_forward", "linear_backward",
+__all__ = ["matmul", "hold_blas_threads", "owns_threads", "release_blas_threads", "linear_forward", "linear_backward",
            "COLUMN_BLOCK", "SPLIT_MIN_MACS", "K_BLOCK"]
 
 #: Columns of the result per piece are a multiple of this (whole register tiles of the BLAS kernels).
@@ -80,16 +81,48 @@ def owns_threads() -> bool:
     return bool(_blas_libraries())
 
 
-def _hold_blas_on_one_thread() -> None:
-    """Set BLAS to one thread, remembering its count for :func:`release_blas_threads`, unless it is at one already."""
+def _set_blas_threads(counts) -> bool:
+    """Set each BLAS library's thread count from this thread; whether every count took.
+
+    threadpoolctl 3.8 lets one thread only change OpenBLAS's count: the first that sets it becomes
+    the "controlling thread", and a set from any other thread silently does nothing.  tinynet sets
+    the count once, with no ``with`` block to end, so it hands that control back at once (unless
+    this thread is inside a ``threadpool_limits`` block of its own); otherwise the first thread to
+    hold BLAS, one of tinynet's pool threads say, would own it for the life of the process.  A set
+    that did not take (another thread holds control) is reported, not raised.
+    """
+    try:
+        import threadpoolctl
+    except ImportError:  # pragma: no cover  (no controllers without it)
+        return False
+    ownership = getattr(threadpoolctl, "CONTROLLING_THREAD_OWNERSHIP", None)
+    for lib, n in zip(_blas, counts):
+        lib.set_num_threads(n)
+        clear = getattr(type(lib), "clear_controlling_thread", None)
+        if clear is not None and getattr(ownership, "count", 0) <= 0:
+            clear()  # only if this thread controls it: another thread's control is left alone
+    return all(lib.get_num_threads() == n for lib, n in zip(_blas, counts))
+
+
+def hold_blas_threads() -> bool:
+    """Set BLAS to one thread from this thread, unless it is there already; whether it is at one now.
+
+    The count it had is remembered for :func:`release_blas_threads`.  Call it on the thread that
+    then hands pieces to tinynet's pool, not inside a piece.  False when BLAS could not be set
+    (no library that threadpoolctl can set, or another thread controls it): the products should
+    then run as whole calls on BLAS's own threads.
+    """
     global _held
+    if not _blas_libraries():
+        return False
     counts = [lib.get_num_threads() for lib in _blas]
     if all(n == 1 for n in counts):
-        return
+        return True
     with _lock:
-        _held = counts
-        for lib in _blas:
-            lib.set_num_threads(1)
+        if _set_blas_threads([1] * len(counts)):
+            _held = counts
+            return True
+        return all(lib.get_num_threads() == 1 for lib in _blas)
 
 
 def release_blas_threads() -> None:
@@ -104,8 +137,7 @@ def release_blas_threads() -> None:
     global _held
     with _lock:
         if _held is not None:
-            for lib, n in zip(_blas, _held):
-                lib.set_num_threads(n)
+            _set_blas_threads(_held)
             _held = None
 
 
@@ -131,7 +163,8 @@ def matmul(a, b, out=None):
     """``a @ b`` (NumPy's rules, broadcasting included), into ``out`` if given; see the module's docstring."""
     if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not owns_threads():
         return backend.get_array_module(a, b).matmul(a, b, out=out)  # CuPy's matmul on the GPU
-    _hold_blas_on_one_thread()
+    if not hold_blas_threads():  # another thread controls BLAS's count: one call, on BLAS's threads
+        return np.matmul(a, b, out=out)
     if a.ndim < 2 or b.ndim < 2:  # a vector: one call
         return np.matmul(a, b, out=out)
     shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
@@ -158,18 +191,6 @@ def matmul(a, b, out=None):
 
     parallel_for(-(-shape[axis] // unit), piece)
     return out
-
-
-def matmul_here(a, b, out=None):
-    """``a @ b`` as one BLAS call on the calling thread, BLAS held on one thread like :func:`matmul`'s.
-
-    For a product that is already one thread's share of a pass on tinynet's pool (a chunk of
-    :func:`tinynet.nn.fast.conv.forward_in_chunks`): not cut further, so its bits are those of one
-    single-threaded call whatever :func:`matmul` would have cut.
-    """
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and owns_threads():
-        _hold_blas_on_one_thread()
-    return backend.get_array_module(a, b).matmul(a, b, out=out)
 
 
 def _sum_over_k_blocks(a, b, out):
