@@ -444,7 +444,9 @@ def forward_in_chunks(x, w, b, stride=(1, 1), padding=(0, 0)):
     For ungrouped convolutions of host arrays, when the products run on tinynet's threads.
     """
     if not hold_blas_threads():  # BLAS keeps threads of its own: no products inside the pool's pieces
-        return conv2d_forward(x, w, b, stride, padding, algorithm="im2col")[0]
+        col = scratch("conv2d_forward.col", _cached_shape("im2col", x.shape, w.shape[2:], stride, padding), x.dtype,
+                      like=x)
+        return conv2d_forward(x, w, b, stride, padding, col, algorithm="im2col")[0]
     c_out, c, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow, k, rows = _chunk_geometry(x, w.shape, stride, padding)

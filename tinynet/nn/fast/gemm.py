@@ -84,7 +84,7 @@ def owns_threads() -> bool:
 def _set_blas_threads(counts) -> bool:
     """Set each BLAS library's thread count from this thread; whether every count took.
 
-    threadpoolctl 3.8 lets one thread only change OpenBLAS's count: the first that sets it becomes
+    threadpoolctl 3.8 lets only one thread change OpenBLAS's count: the first that sets it becomes
     the "controlling thread", and a set from any other thread silently does nothing.  tinynet sets
     the count once, with no ``with`` block to end, so it hands that control back at once (unless
     this thread is inside a ``threadpool_limits`` block of its own); otherwise the first thread to
