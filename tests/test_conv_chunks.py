@@ -11,6 +11,7 @@ from tinynet.nn import reference
 from tinynet.nn.fast import conv, gemm
 
 from fastpath import fast_path_on  # noqa: F401  (a fixture)
+from fastpath import openblas_control, record_blas_threads_of_every_product, thread_alive_after
 
 pytestmark = pytest.mark.usefixtures("fast_path_on")
 
@@ -93,53 +94,42 @@ def test_a_chunk_is_one_blas_call_on_one_thread(every_size, monkeypatch, rng):
     backend.set_num_threads(2)
     gemm.release_blas_threads()
     threadpool_limits(2, user_api="blas")
-    seen, real = [], np.matmul
-    monkeypatch.setattr(np, "matmul", lambda *a, **k: seen.append(
-        {lib.get_num_threads() for lib in gemm._blas_libraries()}) or real(*a, **k))
+    real = np.matmul
+    seen = record_blas_threads_of_every_product(monkeypatch)
     try:
         with nn.no_grad():
             layer(x)
     finally:
         monkeypatch.setattr(np, "matmul", real)
         gemm.release_blas_threads()
-    assert every_size and len(seen) >= 2 and all(counts == {1} for counts in seen), seen
+    assert every_size and len(seen) >= 2 and all(set(counts) == {1} for counts in seen), seen
 
 
 def test_without_control_of_blas_the_whole_product_runs(every_size, monkeypatch, rng):
     # threadpoolctl 3.8: while another thread controls OpenBLAS's count, this one cannot hold it on one
     # thread, and products inside the pool's pieces would each start BLAS's threads: no chunks then.
-    import threading
+    from threadpoolctl import threadpool_limits
 
-    import threadpoolctl
-
-    control = getattr(threadpoolctl, "OpenBLASController", None)
-    if control is None or not hasattr(control, "clear_controlling_thread") or not gemm.owns_threads():
-        pytest.skip("this threadpoolctl has no controlling thread for OpenBLAS")
+    if not gemm.owns_threads():
+        pytest.skip("threadpoolctl finds no BLAS to set")
+    openblas_control()
     layer = nn.Conv2d(16, 32, 3, padding=1, rng=rng, dtype=np.float32)
     x = rng.standard_normal((64, 16, 16, 16)).astype(np.float32)
     kept = np.array(layer(x))
     layer.release_saved()
-    control.clear_controlling_thread(force=True)
-    gemm.release_blas_threads()
-    taken, done = threading.Event(), threading.Event()
+    openblas_control()  # the forward above held BLAS from this thread: give its count back
 
-    def owner():
-        with threadpoolctl.threadpool_limits(2, user_api="blas"):
-            taken.set()
-            done.wait(30)
+    def owner(wait):
+        with threadpool_limits(2, user_api="blas"):
+            wait()
 
-    thread = threading.Thread(target=owner)
-    thread.start()
     calls, real = [], np.matmul
-    try:
-        taken.wait(30)
+    with thread_alive_after(owner):
         monkeypatch.setattr(np, "matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-        with nn.no_grad():
-            out = layer(x)
-    finally:
-        monkeypatch.setattr(np, "matmul", real)
-        done.set()
-        thread.join()
-        control.clear_controlling_thread(force=True)
+        try:
+            with nn.no_grad():
+                out = layer(x)
+        finally:
+            monkeypatch.setattr(np, "matmul", real)
     assert every_size and len(calls) == 1  # asked for chunks, got one whole product on BLAS's threads
     np.testing.assert_allclose(out, kept, rtol=1e-5, atol=1e-5)

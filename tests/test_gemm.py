@@ -16,6 +16,7 @@ from tinynet import backend, nn
 from tinynet.models import resnet18
 from tinynet.nn.fast import gemm
 from fastpath import fast_path_on  # noqa: F401  (a fixture)
+from fastpath import blas_threads, openblas_control, record_blas_threads_of_every_product, thread_alive_after
 
 pytestmark = pytest.mark.usefixtures("fast_path_on")
 
@@ -27,23 +28,6 @@ def threads():
     yield backend.set_num_threads
     backend.set_num_threads(None)
     gemm.release_blas_threads()
-
-
-def blas_threads():
-    return [lib.get_num_threads() for lib in gemm._blas_libraries()]
-
-
-def record_blas_threads_of_every_product(monkeypatch) -> list:
-    """A list that gets BLAS's thread counts at every ``numpy.matmul`` call until ``monkeypatch.undo()``."""
-    seen = []
-    real = np.matmul
-
-    def recording(*args, **kwargs):
-        seen.append(blas_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(np, "matmul", recording)
-    return seen
 
 
 # (a shape, b shape): columns split, rows split (few columns), batch split, broadcast, too small to split,
@@ -208,64 +192,34 @@ def test_a_linear_backward_follows_the_path_of_its_forward(threads, rng, monkeyp
     assert calls == [1]
 
 
-# threadpoolctl 3.8: only one thread, the first to set OpenBLAS's count, can change it ("the controlling
-# thread"); sets from any other thread silently do nothing.
-def _openblas_control():
-    import threadpoolctl
-
-    controller = getattr(threadpoolctl, "OpenBLASController", None)
-    if controller is None or not hasattr(controller, "clear_controlling_thread") \
-            or not any(lib.internal_api == "openblas" for lib in gemm._blas_libraries()):
-        pytest.skip("this threadpoolctl has no controlling thread for OpenBLAS")
-    return controller
-
-
 @needs_blas_control
 def test_a_thread_that_held_blas_does_not_keep_control_of_it(threads, rng):
     # A user's worker thread (or one of tinynet's own) makes the process's first product: it must not
     # keep control of OpenBLAS's count, or the main thread's release and set_threads would do nothing.
-    control = _openblas_control()
-    control.clear_controlling_thread(force=True)
-    gemm.release_blas_threads()
+    openblas_control()
     before = blas_threads()
     assert before != [1] * len(before), "BLAS must start on several threads for this test"
     a, b = rng.standard_normal((64, 300)).astype(np.float32), rng.standard_normal((300, 4096)).astype(np.float32)
-    held, done = threading.Event(), threading.Event()
 
-    def worker():  # alive after its product, as tinynet's pool threads are for the life of the process
+    def worker(wait):  # alive after its product, as tinynet's pool threads are for the life of the process
         gemm.matmul(a, b)
-        held.set()
-        done.wait(30)
+        wait()
 
-    thread = threading.Thread(target=worker)
-    thread.start()
-    try:
-        held.wait(30)
+    with thread_alive_after(worker):
         assert set(blas_threads()) == {1}  # the worker held it
         gemm.release_blas_threads()        # from the main thread
         assert blas_threads() == before
-    finally:
-        done.set()
-        thread.join()
-        control.clear_controlling_thread(force=True)
 
 
 @needs_blas_control
 def test_when_another_thread_controls_blas_a_product_is_one_call_on_blas_threads(threads, rng, monkeypatch):
-    control = _openblas_control()
-    control.clear_controlling_thread(force=True)
-    gemm.release_blas_threads()
-    taken, done = threading.Event(), threading.Event()
+    openblas_control()
 
-    def owner():  # a thread of the user's that holds BLAS at 2 threads in a block of its own
+    def owner(wait):  # a thread of the user's that holds BLAS at 2 threads in a block of its own
         with threadpool_limits(2, user_api="blas"):
-            taken.set()
-            done.wait(30)
+            wait()
 
-    thread = threading.Thread(target=owner)
-    thread.start()
-    try:
-        taken.wait(30)
+    with thread_alive_after(owner):
         threads(2)
         a, b = rng.standard_normal((64, 300)).astype(np.float32), rng.standard_normal((300, 4096)).astype(np.float32)
         seen = record_blas_threads_of_every_product(monkeypatch)
@@ -275,7 +229,3 @@ def test_when_another_thread_controls_blas_a_product_is_one_call_on_blas_threads
         assert len(seen) == 1 and set(seen[0]) == {2}, seen
         np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5, atol=1e-4)
         assert gemm.hold_blas_threads() is False
-    finally:
-        done.set()
-        thread.join()
-        control.clear_controlling_thread(force=True)
