@@ -88,3 +88,40 @@ def thread_alive_after(first):
         import threadpoolctl
 
         threadpoolctl.OpenBLASController.clear_controlling_thread(force=True)
+
+
+def float32_conv_errors(c, h, algorithms, stride=1, n=4, seed=0, torch=None) -> dict:
+    """``{name: (out, dx, dW) errors}`` of a 3x3, padding-1 convolution run in float32 by each algorithm.
+
+    The error is ``max |y32 - y64| / max |y64|`` against float64 im2col, on unit-normal input and
+    upstream gradient and He-initialised (C * stride, C, 3, 3) weights; with ``torch``, PyTorch's
+    float32 ``conv2d`` too, under ``"torch"``.
+    """
+    import numpy as np
+
+    from tinynet.nn.fast import conv
+
+    rng = np.random.default_rng(seed)
+    s = (stride, stride)
+    x = rng.standard_normal((n, c, h, h))
+    w = rng.standard_normal((c * stride, c, 3, 3)) * np.sqrt(2 / (9 * c))   # He initialisation
+    ref, cache = conv.conv2d_forward(x, w, None, s, (1, 1), algorithm="im2col")
+    dout = rng.standard_normal(ref.shape)
+    refs = (ref,) + conv.conv2d_backward(dout, cache)[:2]
+    x32, w32, d32 = (a.astype(np.float32) for a in (x, w, dout))
+
+    def rel(results):
+        return tuple(float(np.abs(np.asarray(a, np.float64) - r).max() / np.abs(r).max())
+                     for a, r in zip(results, refs))
+
+    errors = {}
+    for name in algorithms:
+        out, cache = conv.conv2d_forward(x32, w32, None, s, (1, 1), algorithm=name)
+        assert out.dtype == np.float32
+        errors[name] = rel((out,) + conv.conv2d_backward(d32, cache)[:2])
+    if torch is not None:
+        tx, tw = torch.tensor(x32, requires_grad=True), torch.tensor(w32, requires_grad=True)
+        out = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=1)
+        out.backward(torch.tensor(d32))
+        errors["torch"] = rel((out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()))
+    return errors

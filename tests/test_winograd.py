@@ -11,6 +11,7 @@ from tinynet.nn.fast import conv  # the fast convolution: its algorithms, their 
 
 from conftest import torch_or_skip
 from fastpath import fast_path_on  # noqa: F401  (a fixture)
+from fastpath import float32_conv_errors
 
 pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
@@ -183,9 +184,10 @@ def test_rule_picks_f2_where_it_was_measured_faster():
 
 
 def test_rule_keeps_im2col_elsewhere():
-    for c, h, n in [(64, 16, 16), (128, 8, 16), (256, 4, 16), (512, 2, 16),    # ResNet18 at 64 px, batch 16
-                    (512, 2, 64), (512, 2, 256)]:                              # 2x2 outputs
+    for c, h, n in [(64, 16, 16), (128, 8, 16), (256, 4, 16)]:                # ResNet18 at 64 px, batch 16
         assert _choice(c, h, n=n) == "im2col", (c, h, n)
+    for n in (16, 64, 256):  # 2x2 outputs are a single tile: never Winograd (kn2row, tests/test_kn2row.py)
+        assert _choice(512, 2, n=n) == "kn2row", n
     for c, co, h in [(3, 32, 64), (32, 64, 16), (64, 128, 8)]:                 # the CNN at batch 64
         assert _choice(c, h, (co, c, 3, 3), n=64) == "im2col", (c, co, h)
     assert _choice(3, 64, (32, 3, 3, 3), n=1024) == "im2col"            # 3 channels, however big the batch
@@ -264,33 +266,11 @@ def test_strided_and_grouped_layers_run_im2col_even_when_forced(rng):
 RESNET18_LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7), (512, 2)]
 
 
-def _float32_errors(c, h, n=4, seed=0):
-    """{name: (out, dx, dW) errors}: max |y32 - y64| / max |y64| of each algorithm run in float32."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, h, h))
-    w = rng.standard_normal((c, c, 3, 3)) * np.sqrt(2 / (9 * c))   # He initialisation
-    dout = rng.standard_normal((n, c, h, h))
-    ref, cache = conv.conv2d_forward(x, w, None, (1, 1), (1, 1), algorithm="im2col")
-    refs = (ref,) + conv.conv2d_backward(dout, cache)[:2]
-    x32, w32, d32 = (a.astype(np.float32) for a in (x, w, dout))
-
-    def rel(results):
-        return tuple(float(np.abs(np.asarray(a, np.float64) - r).max() / np.abs(r).max())
-                     for a, r in zip(results, refs))
-
-    errors = {}
-    for name in conv.ALGORITHMS:
-        out, cache = conv.conv2d_forward(x32, w32, None, (1, 1), (1, 1), algorithm=name)
-        assert out.dtype == np.float32
-        errors[name] = rel((out,) + conv.conv2d_backward(d32, cache)[:2])
-    return errors, (x32, w32, d32), rel
-
-
 @pytest.mark.parametrize("c,h", RESNET18_LAYERS)
 def test_float32_error_of_f2_is_within_a_small_factor_of_im2col(c, h):
     # Measured (out / dx / dW), e.g. 512@7: im2col 3.9e-7 / 3.4e-7 / 6.7e-7, F(2,3) 6.6e-7 / 7.6e-7 / 5.2e-7,
     # F(4,3) 1.2e-5 / 5.8e-6 / 3.8e-6: F(2,3) within 3x of im2col, F(4,3) 10-50x (so it is no default).
-    errors, _, _ = _float32_errors(c, h)
+    errors = float32_conv_errors(c, h, conv.ALGORITHMS)
     for k in range(3):
         assert errors["winograd_f2"][k] <= 4 * max(errors["im2col"][k], 2e-7), errors
         assert errors["winograd_f4"][k] <= 100 * max(errors["im2col"][k], 2e-7), errors   # still float32-sized
@@ -299,12 +279,8 @@ def test_float32_error_of_f2_is_within_a_small_factor_of_im2col(c, h):
 
 @pytest.mark.parametrize("c,h", RESNET18_LAYERS)
 def test_float32_error_of_f2_is_within_a_small_factor_of_torch(c, h):
-    torch = torch_or_skip()
-    errors, (x32, w32, d32), rel = _float32_errors(c, h)
-    tx, tw = torch.tensor(x32, requires_grad=True), torch.tensor(w32, requires_grad=True)
-    out = torch.nn.functional.conv2d(tx, tw, padding=1)
-    out.backward(torch.tensor(d32))
-    torch_err = rel((out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()))
+    errors = float32_conv_errors(c, h, conv.ALGORITHMS, torch=torch_or_skip())
+    torch_err = errors["torch"]
     # Measured, 512@7: torch 2.8e-7 / 2.7e-7 / 6.4e-7, F(2,3) 6.6e-7 / 7.6e-7 / 5.2e-7.
     for k in range(3):
         assert errors["winograd_f2"][k] <= 4 * torch_err[k], (errors, torch_err)

@@ -25,15 +25,17 @@ this module adds, and why:
   it is in that core's cache (:func:`forward_in_chunks`), with the bits of the whole product.
 * **Algorithms.**  Stride-1 3x3 ungrouped convolutions may run as Winograd F(2x2, 3x3)
   (:mod:`tinynet.nn.fast.winograd`): 4 instead of 9 multiplications per output, and a 4x copy of
-  the input kept for the backward instead of col's 9x.  :func:`choose_algorithm` picks one per
+  the input kept for the backward instead of col's 9x.  On small maps, where most of im2col's
+  products read padding, kn2row (:mod:`tinynet.nn.fast.kn2row`) computes one product per kernel
+  offset over only the pixels it reads.  :func:`choose_algorithm` picks one per
   layer shape, *never* by the grad mode (a layer gives the same bits with and without
   gradients); :func:`algorithm` forces a choice, for benchmarks and tests::
 
-      with tinynet.nn.fast.conv.algorithm("im2col"):      # or "winograd_f2", "winograd_f4"
+      with tinynet.nn.fast.conv.algorithm("im2col"):      # or "winograd_f2", "winograd_f4", "kn2row"
           out = model(x)
 
-  The cache names the algorithm that made it: :class:`Im2colCache` or
-  :class:`~tinynet.nn.fast.winograd.WinogradCache`.
+  The cache names the algorithm that made it: :class:`Im2colCache`,
+  :class:`~tinynet.nn.fast.winograd.WinogradCache` or :class:`~tinynet.nn.fast.kn2row.Kn2rowCache`.
 """
 from __future__ import annotations
 
@@ -47,13 +49,15 @@ from ... import backend, kernels
 from ..geometry import conv_output_size, kernel_offsets
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .gemm import SPLIT_MIN_MACS, hold_blas_threads, matmul, owns_threads
+from .kn2row import Kn2rowCache, kept_size, kn2row_backward, kn2row_forward, valid_fraction
 from .threads import num_threads, parallel_for
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 from .workspace import LayerBuffers, scratch
 
 __all__ = ["Im2colCache", "ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "layer_forward",
            "forward_in_chunks", "CHUNKED_MIN_COL_BYTES", "CHUNK_BYTES",
-           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK"]
+           "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK",
+           "KN2ROW_MAX_FRACTION", "KN2ROW_MIN_WORK"]
 
 
 class Im2colCache(NamedTuple):
@@ -240,8 +244,9 @@ def _grouped(a, groups: int):
 # ---------------------------------------------------------------------------
 # Which algorithm
 # ---------------------------------------------------------------------------
-#: The convolution algorithms: im2col + GEMM, and Winograd F(m x m, 3 x 3) with m = 2 or 4.
-ALGORITHMS = ("im2col", "winograd_f2", "winograd_f4")
+#: The convolution algorithms: im2col + GEMM, Winograd F(m x m, 3 x 3) with m = 2 or 4, and kn2row
+#: (one product per kernel offset, over only the pixels it reads: :mod:`tinynet.nn.fast.kn2row`).
+ALGORITHMS = ("im2col", "winograd_f2", "winograd_f4", "kn2row")
 _WINOGRAD_M = {"winograd_f2": 2, "winograd_f4": 4}
 _forced = threading.local()
 
@@ -251,8 +256,9 @@ def algorithm(name: str):
     """Force the convolution algorithm in this thread, inside a ``with`` block.
 
     ``name`` is one of :data:`ALGORITHMS`, or ``"auto"`` for :func:`choose_algorithm`'s measured
-    rule.  A Winograd choice applies only where Winograd is defined (:func:`winograd_applies`);
-    every other convolution keeps im2col.  Blocks nest; the setting is per thread.
+    rule.  A Winograd choice applies only where Winograd is defined (:func:`winograd_applies`),
+    kn2row to every ungrouped convolution; every other convolution keeps im2col.  Blocks nest; the
+    setting is per thread.
     """
     if name != "auto" and name not in ALGORITHMS:
         raise ValueError(f"conv.algorithm: expected 'auto' or one of {ALGORITHMS}, got {name!r}")
@@ -276,36 +282,62 @@ def winograd_applies(kernel, stride, groups=1) -> bool:
 #: gains (docs/performance.md, "Grad-mode independence").
 WINOGRAD_MIN_WORK = 1 << 26
 
+#: kn2row is chosen when at most this share of im2col's (output, tap) products read a pixel
+#: (:func:`~tinynet.nn.fast.kn2row.valid_fraction`): the rest read padding, which kn2row skips ...
+KN2ROW_MAX_FRACTION = 0.5
+#: ... and im2col's multiply-adds, ``C * C_out * KH * KW * OH * OW * N``, reach this: below it
+#: kn2row's per-tap calls and weight copies cost more than the products it skips.
+KN2ROW_MIN_WORK = 1 << 26
+
+
+def _kn2row_pays(x_shape, w_shape, stride, padding) -> bool:
+    """The auto rule's kn2row condition (:data:`KN2ROW_MAX_FRACTION`, :data:`KN2ROW_MIN_WORK`)."""
+    n, c, h, w = x_shape
+    c_out, _, kh, kw = w_shape
+    oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(w, kw, stride[1], padding[1])
+    return (c * c_out * kh * kw * oh * ow * n >= KN2ROW_MIN_WORK
+            and valid_fraction(x_shape, (kh, kw), stride, padding) <= KN2ROW_MAX_FRACTION)
+
 
 def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
     """The algorithm :func:`conv2d_forward` uses for input ``x`` (N, C, H, W) and a (C_out, C/G, KH, KW) weight.
 
-    An :func:`algorithm` block decides first.  Otherwise, for the 3x3 stride-1 ungrouped
-    convolutions of NumPy arrays, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
-    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`), with or without
-    gradients; im2col everywhere else.
+    An :func:`algorithm` block decides first.  Otherwise, for the ungrouped convolutions of NumPy
+    arrays: kn2row where padding makes more than half of im2col's products
+    (:data:`KN2ROW_MAX_FRACTION`; small maps, such as ResNet18's 2x2 and 1x1 last stages) and
+    im2col would make at least 2**26 multiply-adds (:data:`KN2ROW_MIN_WORK`);
+    else, for the 3x3 stride-1 ones, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
+    ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`); im2col everywhere else.
+    The same choice with and without gradients.
 
-    The thresholds are where ``benchmarks/winograd.py`` measured F(2x2, 3x3) faster for a training
-    step; the forward alone gains less (docs/performance.md, "Convolution algorithms").  F(4x4, 3x3)
-    is never chosen: its float32 error is 10-50x im2col's; force it with :func:`algorithm`.  On
-    the GPU im2col stays (not measured there).
+    The thresholds are where ``benchmarks/winograd.py`` and ``benchmarks/kn2row.py`` measured the
+    algorithm faster for a training step (docs/performance.md, "Convolution algorithms" and
+    "kn2row").  F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's; force it with
+    :func:`algorithm`.  On the GPU im2col stays (the others are not measured there).
     """
     kernel = tuple(w_shape[2:])
-    if not winograd_applies(kernel, stride, groups):
-        return "im2col"
-    if backend.is_cupy_array(x):  # before the forced choice: Winograd is a CPU algorithm here
+    if groups != 1 or backend.is_cupy_array(x):  # before the forced choice: the others are CPU algorithms here
         return "im2col"
     forced = getattr(_forced, "name", "auto")
+    if forced in _WINOGRAD_M:
+        return forced if winograd_applies(kernel, stride, groups) else "im2col"
     if forced != "auto":
         return forced
+    if _kn2row_pays(x.shape, w_shape, stride, padding):
+        return "kn2row"
+    if not winograd_applies(kernel, stride, groups):
+        return "im2col"
     n, c, h, w = x.shape
     out_pixels = (h + 2 * padding[0] - 2) * (w + 2 * padding[1] - 2)
     work = c * w_shape[0] * n * out_pixels
     return "winograd_f2" if c >= 32 and out_pixels >= 16 and work >= WINOGRAD_MIN_WORK else "im2col"
 
 
-def _cached_shape(algorithm_name, x_shape, kernel, stride, padding):
+def _cached_shape(algorithm_name, x_shape, w_shape, stride, padding):
     """Shape of the buffer the forward of ``algorithm_name`` keeps for the backward (None: nothing)."""
+    kernel = tuple(w_shape[2:])
+    if algorithm_name == "kn2row":
+        return (kept_size(x_shape, w_shape),)  # a copy of x and the taps' weights, one flat buffer
     if algorithm_name != "im2col":
         return v_shape(x_shape, padding, _WINOGRAD_M[algorithm_name])
     if _is_pointwise(kernel, stride, padding):
@@ -329,19 +361,22 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, grou
     stride, padding : pairs (SH, SW), (PH, PW)
     col_buffer : optional array for what the forward keeps for the backward:
         (C, KH, KW, OH, OW, N) for im2col to fill, (alpha^2, C, P) for
-        Winograd's V (shapes from ``_cached_shape``); the cache then refers to
-        it, so its owner must not refill it before the backward of this call
-        has run
+        Winograd's V, a flat one for kn2row's copy of x and weights (shapes from
+        ``_cached_shape``); the cache then refers to it, so its owner must not
+        refill it before the backward of this call has run
     algorithm : one of :data:`ALGORITHMS`; None: :func:`choose_algorithm`
 
     Returns
     -------
     out : (N, C_out, OH, OW), an NCHW view of a new (C_out, OH, OW, N) array
-    cache : :class:`Im2colCache` (im2col) or :class:`~tinynet.nn.fast.winograd.WinogradCache`,
+    cache : :class:`Im2colCache` (im2col), :class:`~tinynet.nn.fast.winograd.WinogradCache` or
+        :class:`~tinynet.nn.fast.kn2row.Kn2rowCache`,
         what :func:`conv2d_backward` needs
     """
     if algorithm is None:
         algorithm = choose_algorithm(x, w.shape, stride, padding, groups)
+    if algorithm == "kn2row":
+        return kn2row_forward(x, w, b, tuple(stride), tuple(padding), buffer=col_buffer)
     if algorithm != "im2col":
         return winograd_forward(x, w, b, tuple(padding), _WINOGRAD_M[algorithm], v_buffer=col_buffer)
     c_out, _, kh, kw = w.shape
@@ -364,7 +399,8 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     Parameters
     ----------
     dout : (N, C_out, OH, OW), dL/d(out); not modified
-    cache : :class:`Im2colCache` or :class:`~tinynet.nn.fast.winograd.WinogradCache` from
+    cache : :class:`Im2colCache`, :class:`~tinynet.nn.fast.winograd.WinogradCache` or
+        :class:`~tinynet.nn.fast.kn2row.Kn2rowCache` from
         :func:`conv2d_forward`; it says which algorithm ran
     need_dx : skip dL/dx (returns None) when the input needs no gradient
 
@@ -376,6 +412,8 @@ def conv2d_backward(dout, cache, need_dx: bool = True):
     """
     if isinstance(cache, WinogradCache):
         return winograd_backward(dout, cache, need_dx)
+    if isinstance(cache, Kn2rowCache):
+        return kn2row_backward(dout, cache, need_dx)
     col, x_shape, w, stride, padding, has_bias, groups = cache
     c_out, _, kh, kw = w.shape
     dout2d = channel_matrix(dout)  # (C_out, M)
@@ -444,7 +482,7 @@ def forward_in_chunks(x, w, b, stride=(1, 1), padding=(0, 0)):
     For ungrouped convolutions of host arrays, when the products run on tinynet's threads.
     """
     if not hold_blas_threads():  # BLAS keeps threads of its own: no products inside the pool's pieces
-        col = scratch("conv2d_forward.col", _cached_shape("im2col", x.shape, w.shape[2:], stride, padding), x.dtype,
+        col = scratch("conv2d_forward.col", _cached_shape("im2col", x.shape, w.shape, stride, padding), x.dtype,
                       like=x)
         return conv2d_forward(x, w, b, stride, padding, col, algorithm="im2col")[0]
     c_out, c, kh, kw = w.shape
@@ -483,7 +521,7 @@ def layer_forward(x, w, b, stride, padding, groups, buffers: LayerBuffers, keep:
     algo = choose_algorithm(x, w.shape, stride, padding, groups)
     if not keep and algo == "im2col" and _chunks_pay(x, w.shape, stride, padding, groups):
         return forward_in_chunks(x, w, b, stride, padding), None, None
-    shape = _cached_shape(algo, x.shape, tuple(w.shape[2:]), stride, padding)
+    shape = _cached_shape(algo, x.shape, w.shape, stride, padding)
     buffer = None if shape is None else buffers.take("conv2d_forward.col", shape, x, keep)
     out, cache = conv2d_forward(x, w, b, stride, padding, buffer, groups, algo)
     return out, cache, buffer
