@@ -135,8 +135,9 @@ def _choice(c, h, co=None, k=3, stride=1, padding=1, groups=1, n=64):
 
 
 def test_rule_takes_kn2row_where_padding_is_most_of_the_work():
-    for c, h, n in [(512, 2, 16), (512, 2, 64), (512, 2, 256),     # ResNet18's last stage at 64 px
-                    (256, 2, 64), (512, 1, 64)]:                    # its last two stages at 32 px
+    for c, h, n in [(512, 2, 64), (512, 2, 256),                    # ResNet18's last stage at 64 px
+                    (256, 2, 64), (512, 1, 64),                     # its last two stages at 32 px
+                    (512, 3, 64), (256, 3, 16)]:                    # 3x3 maps (96 px): 49 of 81 live
         assert _choice(c, h, n=n) == "kn2row", (c, h, n)
     assert _choice(256, 2, 512, stride=2, n=64) == "kn2row"        # 2x2 -> 1x1, stride 2: 4 of 9 live
     with nn.no_grad():                                              # the same rule without gradients
@@ -145,9 +146,11 @@ def test_rule_takes_kn2row_where_padding_is_most_of_the_work():
 
 def test_rule_keeps_the_others_elsewhere():
     assert _choice(64, 2, n=64) == "im2col"                         # below KN2ROW_MIN_WORK
+    assert _choice(512, 2, n=16) == "im2col"                        # 36 skipped per tap: below KN2ROW_MIN_SKIPPED
+    assert _choice(256, 2, 512, stride=2, n=16) == "im2col"         # 20 per live tap
     assert _choice(512, 4, n=64) == "winograd_f2"                   # 4x4: 100 of 144 live
     assert _choice(256, 4, 512, stride=2, n=64) == "im2col"         # 4x4 -> 2x2: 25 of 36 live
-    assert _choice(512, 3, n=64) == "im2col"                        # 3x3: 49 of 81 live
+    assert _choice(64, 4, k=7, stride=2, padding=3, n=256) == "im2col"  # 7x7: not measured faster
     assert _choice(512, 2, n=64, groups=2) == "im2col"              # grouped
     assert _choice(512, 8, k=1, padding=0, n=64) == "im2col"        # 1x1: nothing to skip
     with conv.algorithm("im2col"):
@@ -166,7 +169,7 @@ def test_gpu_arrays_keep_im2col(monkeypatch):
 
 def test_a_layer_gives_the_same_bits_with_and_without_gradients(rng):
     layer = nn.Conv2d(512, 512, 3, padding=1, rng=rng)
-    x = _chwn(rng.standard_normal((16, 512, 2, 2)).astype(np.float32))
+    x = _chwn(rng.standard_normal((64, 512, 2, 2)).astype(np.float32))
     assert conv.choose_algorithm(x, layer.weight.shape, (1, 1), (1, 1)) == "kn2row"
     with_grad = np.array(layer(x))
     assert isinstance(layer._saved[-1][1][0], kn2row.Kn2rowCache)
@@ -194,7 +197,7 @@ def test_layer_buffers_two_calls_before_backward(rng):
         dw = reference.conv2d_grads(x1, w, d1, (1, 1), (1, 1))[1] + reference.conv2d_grads(x2, w, d2, (1, 1), (1, 1))[1]
         np.testing.assert_allclose(layer.weight.grad, dw, rtol=1e-10, atol=1e-10)
         free = list(layer._free_cols)
-        assert len(free) == 2 and free[0].shape == (kn2row.kept_size(x1.shape, w.shape),)
+        assert len(free) == 2 and free[0].shape == (3, 2, 3, 2)  # the copy of x, CHWN
         out = layer(x1)                                   # a buffer handed back is refilled
         assert any(np.shares_memory(layer._saved[-1][1][0].x, f) for f in free)
         np.testing.assert_allclose(out, reference.conv2d(x1, w, b, (1, 1), (1, 1)), rtol=1e-10, atol=1e-10)

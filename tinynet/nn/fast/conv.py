@@ -49,7 +49,7 @@ from ... import backend, kernels
 from ..geometry import conv_output_size, kernel_offsets
 from .layout import channel_matrix, from_channel_matrix, from_chwn, to_chwn
 from .gemm import SPLIT_MIN_MACS, hold_blas_threads, matmul, owns_threads
-from .kn2row import Kn2rowCache, kept_size, kn2row_backward, kn2row_forward, valid_fraction
+from .kn2row import Kn2rowCache, kn2row_backward, kn2row_forward, live_taps
 from .threads import num_threads, parallel_for
 from .winograd import WinogradCache, v_shape, winograd_backward, winograd_forward
 from .workspace import LayerBuffers, scratch
@@ -57,7 +57,7 @@ from .workspace import LayerBuffers, scratch
 __all__ = ["Im2colCache", "ConvCache", "im2col", "col2im", "conv2d_forward", "conv2d_backward", "layer_forward",
            "forward_in_chunks", "CHUNKED_MIN_COL_BYTES", "CHUNK_BYTES",
            "ALGORITHMS", "algorithm", "choose_algorithm", "winograd_applies", "WINOGRAD_MIN_WORK",
-           "KN2ROW_MAX_FRACTION", "KN2ROW_MIN_WORK"]
+           "KN2ROW_MAX_FRACTION", "KN2ROW_MIN_WORK", "KN2ROW_MIN_SKIPPED"]
 
 
 class Im2colCache(NamedTuple):
@@ -283,29 +283,39 @@ def winograd_applies(kernel, stride, groups=1) -> bool:
 WINOGRAD_MIN_WORK = 1 << 26
 
 #: kn2row is chosen when at most this share of im2col's (output, tap) products read a pixel
-#: (:func:`~tinynet.nn.fast.kn2row.valid_fraction`): the rest read padding, which kn2row skips ...
-KN2ROW_MAX_FRACTION = 0.5
-#: ... and im2col's multiply-adds, ``C * C_out * KH * KW * OH * OW * N``, reach this: below it
-#: kn2row's per-tap calls and weight copies cost more than the products it skips.
+#: (:func:`~tinynet.nn.fast.kn2row.valid_fraction`; the rest read padding, which kn2row skips; a
+#: 3x3 convolution with padding 1 reads 49 of 81 on a 3x3 map, 16 of 36 on 2x2, 1 of 9 on 1x1) ...
+KN2ROW_MAX_FRACTION = 0.62
+#: ... and im2col's multiply-adds, ``C * C_out * KH * KW * OH * OW * N``, reach this (below it,
+#: kn2row's per-tap calls cost more than the products it skips) ...
 KN2ROW_MIN_WORK = 1 << 26
+#: ... and the products it skips, per (input, output) channel pair, are at least this many times its
+#: live taps: each live tap's (C_out, C) weights are copied for the forward and written back for dW,
+#: whatever the batch (512@2 at batch 16 skips 36 per tap and was measured no faster).
+KN2ROW_MIN_SKIPPED = 48
 
 
 def _kn2row_pays(x_shape, w_shape, stride, padding) -> bool:
-    """The auto rule's kn2row condition (:data:`KN2ROW_MAX_FRACTION`, :data:`KN2ROW_MIN_WORK`)."""
+    """The auto rule's kn2row condition (:data:`KN2ROW_MAX_FRACTION`, :data:`KN2ROW_MIN_WORK`, :data:`KN2ROW_MIN_SKIPPED`)."""
     n, c, h, w = x_shape
     c_out, _, kh, kw = w_shape
-    oh, ow = conv_output_size(h, kh, stride[0], padding[0]), conv_output_size(w, kw, stride[1], padding[1])
-    return (c * c_out * kh * kw * oh * ow * n >= KN2ROW_MIN_WORK
-            and valid_fraction(x_shape, (kh, kw), stride, padding) <= KN2ROW_MAX_FRACTION)
+    if kh * kw > 9:  # measured on 3x3 kernels; a 7x7 one (49 taps' Python loops) was no faster
+        return False
+    taps, (oh, ow), live = live_taps(x_shape, (kh, kw), stride, padding)
+    every = kh * kw * oh * ow * n  # im2col's products per (input, output) channel pair; kn2row's: live
+    return (c * c_out * every >= KN2ROW_MIN_WORK and live <= KN2ROW_MAX_FRACTION * every
+            and every - live >= KN2ROW_MIN_SKIPPED * len(taps))
 
 
 def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str:
     """The algorithm :func:`conv2d_forward` uses for input ``x`` (N, C, H, W) and a (C_out, C/G, KH, KW) weight.
 
     An :func:`algorithm` block decides first.  Otherwise, for the ungrouped convolutions of NumPy
-    arrays: kn2row where padding makes more than half of im2col's products
-    (:data:`KN2ROW_MAX_FRACTION`; small maps, such as ResNet18's 2x2 and 1x1 last stages) and
-    im2col would make at least 2**26 multiply-adds (:data:`KN2ROW_MIN_WORK`);
+    arrays: kn2row for kernels of up to 9 taps where padding makes at least 38 % of im2col's products
+    (:data:`KN2ROW_MAX_FRACTION`; small maps, such as ResNet18's 3x3, 2x2 and 1x1 last stages),
+    im2col would make at least 2**26 multiply-adds (:data:`KN2ROW_MIN_WORK`) and the batch is
+    large enough for the skipped products to pay for the taps' weight copies
+    (:data:`KN2ROW_MIN_SKIPPED`);
     else, for the 3x3 stride-1 ones, F(2x2, 3x3) where ``C >= 32``, ``OH * OW >= 16`` and
     ``C * C_out * N * OH * OW >= 2**26`` (:data:`WINOGRAD_MIN_WORK`); im2col everywhere else.
     The same choice with and without gradients.
@@ -337,7 +347,8 @@ def _cached_shape(algorithm_name, x_shape, w_shape, stride, padding):
     """Shape of the buffer the forward of ``algorithm_name`` keeps for the backward (None: nothing)."""
     kernel = tuple(w_shape[2:])
     if algorithm_name == "kn2row":
-        return (kept_size(x_shape, w_shape),)  # a copy of x and the taps' weights, one flat buffer
+        n, c, h, w = x_shape
+        return (c, h, w, n)  # a copy of x, CHWN
     if algorithm_name != "im2col":
         return v_shape(x_shape, padding, _WINOGRAD_M[algorithm_name])
     if _is_pointwise(kernel, stride, padding):
@@ -361,7 +372,7 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=(0, 0), col_buffer=None, grou
     stride, padding : pairs (SH, SW), (PH, PW)
     col_buffer : optional array for what the forward keeps for the backward:
         (C, KH, KW, OH, OW, N) for im2col to fill, (alpha^2, C, P) for
-        Winograd's V, a flat one for kn2row's copy of x and weights (shapes from
+        Winograd's V, (C, H, W, N) for kn2row's copy of x (shapes from
         ``_cached_shape``); the cache then refers to it, so its owner must not
         refill it before the backward of this call has run
     algorithm : one of :data:`ALGORITHMS`; None: :func:`choose_algorithm`
