@@ -36,7 +36,7 @@ block g of K/G rows is group g).  ``groups = C`` is depthwise convolution.
 
 The functions below are the plain path: NCHW in, C-contiguous NCHW out, the
 math and nothing else.  The loop version in :mod:`tinynet.nn.reference` is
-their oracle.  The fast path (CHWN layout, threads, CUDA twins, Winograd) is
+their oracle.  The fast path (CHWN layout, threads, CUDA twins, Winograd, kn2row) is
 :mod:`tinynet.nn.fast.conv`, tested against these; :class:`Conv2d` takes one
 or the other (:func:`tinynet.fast_path`).
 """

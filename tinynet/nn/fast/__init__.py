@@ -17,6 +17,7 @@ module                      what it holds
 :mod:`.conv`                im2col/col2im on CHWN, the convolution algorithms and the choice
                             between them
 :mod:`.winograd`            Winograd F(m x m, 3 x 3)
+:mod:`.kn2row`              one product per kernel offset over only the pixels it reads (small maps)
 :mod:`.norm`, :mod:`.pool`,  the blocked, threaded passes of BatchNorm, pooling and ReLU
 :mod:`.activation`
 :mod:`.epilogues`           evaluation-time in-place BatchNorm/sum/ReLU on a conv's output,

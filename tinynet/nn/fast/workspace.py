@@ -7,7 +7,7 @@ temporary arrays.  There are exactly two kinds of owner, and one rule for each:
 * :func:`scratch`: the *calling thread* owns one buffer per name; it is valid only until the
   function that asked for it returns (never returned, never kept in a cache).
 * :class:`LayerBuffers`: a *layer* owns the buffers its forward fills for its own backward
-  (Conv2d's im2col columns, or Winograd's V); a buffer is lent to one call from its forward
+  (Conv2d's im2col columns, Winograd's V, or kn2row's copy of x); a buffer is lent to one call from its forward
   until its backward (or :meth:`~tinynet.nn.Module.release_saved`) hands it back.
 
 The plain path (:mod:`tinynet.nn.fast` off) uses neither: every array is allocated fresh.
@@ -44,7 +44,9 @@ def scratch(name: str, shape, dtype, like):
     by the GEMM), ``conv2d_forward.chunk`` (one chunk of im2col's columns, each
     host thread's own, in :func:`tinynet.nn.fast.conv.forward_in_chunks`), ``winograd.*`` (the padded tiles, half-transformed tiles and
     the products M, dM, dV of :mod:`tinynet.nn.winograd`, each used within one
-    forward or backward) and ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
+    forward or backward), ``kn2row.*`` (the taps' weights, their side-by-side columns and
+    products in :mod:`tinynet.nn.fast.kn2row`, each used within one forward or backward) and
+    ``adam.tmp``.  On the GPU, CuPy's memory pool already recycles
     allocations, so a fresh array is returned.
     """
     xp = backend.get_array_module(like)
