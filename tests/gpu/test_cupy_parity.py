@@ -76,6 +76,23 @@ def test_conv2d(c, co, k, s, p, h, w, rng):
     both(lambda: nn.Conv2d(c, co, k, s, p, rng=np.random.default_rng(0)), x, rng)
 
 
+def test_kn2row_called_on_cupy_arrays_matches_numpy(rng):
+    # The rule never picks kn2row on the GPU (not measured there), but its functions take CuPy arrays.
+    from tinynet.nn.fast import kn2row
+
+    x = rng.standard_normal((4, 6, 2, 3)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    dout = rng.standard_normal((4, 5, 2, 3)).astype(np.float32)
+    out, cache = kn2row.kn2row_forward(x, w, b, (1, 1), (1, 1))
+    grads = kn2row.kn2row_backward(dout, cache)
+    gout, gcache = kn2row.kn2row_forward(to_gpu(x), to_gpu(w), to_gpu(b), (1, 1), (1, 1))
+    ggrads = kn2row.kn2row_backward(to_gpu(dout), gcache)
+    for got, want in zip((gout,) + ggrads, (out,) + grads):
+        assert backend.is_cupy_array(got)
+        assert_close_to_scale(backend.to_numpy(got), want, RTOL)
+
+
 @pytest.mark.parametrize("k,s,p,h", [(3, 2, 1, 16), (4, 4, 0, 16), (2, 2, 0, 9), (3, 1, 1, 7)])
 def test_max_pool_including_the_resnet_stem(k, s, p, h, rng):
     x = np.round(rng.standard_normal((4, 3, h, h)), 1).astype(np.float32)  # ties: first maximum wins

@@ -65,6 +65,17 @@ def test_forcing_winograd_leaves_cupy_convolutions_on_im2col():
             == "winograd_f2"
 
 
+def test_kn2row_leaves_cupy_convolutions_on_im2col():
+    """kn2row (tinynet.nn.fast.kn2row) is measured on the CPU only: neither the rule nor forcing picks it on CuPy."""
+    from tinynet.nn.fast import conv
+
+    x = backend.to_device(np.zeros((64, 512, 2, 2), np.float32), "cuda")
+    assert conv.choose_algorithm(x, (512, 512, 3, 3), (1, 1), (1, 1)) == "im2col"
+    assert conv.choose_algorithm(np.zeros((64, 512, 2, 2), np.float32), (512, 512, 3, 3), (1, 1), (1, 1)) == "kn2row"
+    with conv.algorithm("kn2row"):
+        assert conv.choose_algorithm(x, (512, 512, 3, 3), (1, 1), (1, 1)) == "im2col"
+
+
 def test_gpu_check_warmup_reports_the_fused_kernels_it_compiled(monkeypatch, fast_path_on):
     """Defect 9: the warm-up probe looked for ``kernels._kernel`` and never reported the compiled kernels."""
     import pathlib

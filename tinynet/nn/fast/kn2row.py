@@ -171,7 +171,10 @@ def _tap_weights(w, taps):
             for tap in taps:
                 wt[tap.i, tap.j, a:b] = w[a:b, :, tap.i, tap.j]
 
-    parallel_for(c_out, copy, elements=c_out * c * len(taps))
+    if backend.is_cupy_array(w):  # the GPU needs no host threads
+        copy(0, c_out)
+    else:
+        parallel_for(c_out, copy, elements=c_out * c * len(taps))
     return wt
 
 
