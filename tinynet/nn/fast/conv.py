@@ -312,7 +312,7 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
 
     An :func:`algorithm` block decides first.  Otherwise, for the ungrouped convolutions of NumPy
     arrays: kn2row for kernels of up to 9 taps where padding makes at least 38 % of im2col's products
-    (:data:`KN2ROW_MAX_FRACTION`; small maps, such as ResNet18's 3x3, 2x2 and 1x1 last stages),
+    (:data:`KN2ROW_MAX_FRACTION`; maps of 3x3 or smaller, such as ResNet18's last stage at 32-96 px),
     im2col would make at least 2**26 multiply-adds (:data:`KN2ROW_MIN_WORK`) and the batch is
     large enough for the skipped products to pay for the taps' weight copies
     (:data:`KN2ROW_MIN_SKIPPED`);
@@ -322,7 +322,7 @@ def choose_algorithm(x, w_shape, stride=(1, 1), padding=(0, 0), groups=1) -> str
 
     The thresholds are where ``benchmarks/winograd.py`` and ``benchmarks/kn2row.py`` measured the
     algorithm faster for a training step (docs/performance.md, "Convolution algorithms" and
-    "kn2row").  F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's; force it with
+    "kn2row on small maps").  F(4x4, 3x3) is never chosen: its float32 error is 10-50x im2col's; force it with
     :func:`algorithm`.  On the GPU im2col stays (the others are not measured there).
     """
     kernel = tuple(w_shape[2:])

@@ -1,7 +1,8 @@
 """kn2row: a convolution as one matrix product per kernel offset, over only the pixels it reads.
 
 Notation as in :mod:`tinynet.nn.conv` (N, C, C_out, H, W, KH, KW, SH, SW, PH, PW, OH, OW); every
-array here is CHWN (:mod:`tinynet.nn.fast.layout`), so ``x[:, y, x]`` is a (C, N) matrix.
+array here is CHWN (:mod:`tinynet.nn.fast.layout`), so one pixel of every image, ``x[:, p, q]``, is
+a (C, N) matrix.
 
 Read the convolution one kernel offset (a *tap*) ``(i, j)`` at a time.  At tap (i, j) every output
 position (y, x) reads the input pixel ``(SH*y + i - PH, SW*x + j - PW)`` and multiplies it by the
@@ -24,7 +25,7 @@ On a small map most of im2col's are zeros: a 3x3 convolution with padding 1 has 
 tap) pairs of 36 on a 2x2 map and 1 of 9 on a 1x1 map (ResNet18's last stage at 64 and 32 px).
 That is the case kn2row is chosen for (:func:`tinynet.nn.fast.conv.choose_algorithm`); on larger
 maps its products, with K = C instead of im2col's C*KH*KW, run slower than im2col's one
-(docs/performance.md, "kn2row").
+(docs/performance.md, "kn2row on small maps").
 
 The backward is the adjoint of each step, with ``dY`` the upstream gradient::
 
@@ -35,10 +36,10 @@ The backward is the adjoint of each step, with ``dY`` the upstream gradient::
     db     = dY summed over (OH, OW, N)
 
 How it runs.  ``W_ij`` is a strided slice of W, which a GEMM cannot read, so the forward and the
-backward each copy the live taps to ``Wt`` (KH, KW, C_out, C), a scratch buffer (kept between
-them, three 512-channel layers' copies added 28 MB to a ResNet18 step's peak).  The forward keeps
-a copy of x (C, H, W, N) for the backward, smaller than im2col's col.  The
-taps' columns are laid side by side in one (C, sum |R_ij| N) matrix.  Each tap's products are cut
+backward each copy the live taps to ``Wt`` (KH, KW, C_out, C), a scratch buffer (kept from the
+forward to the backward instead, the copies of three 512-channel layers added 24 MB to a ResNet18
+step's peak).  The forward keeps a copy of x (C, H, W, N) for the backward, smaller than im2col's
+col.  The taps' columns are laid side by side in one (C, sum |R_ij| N) matrix.  Each tap's products are cut
 into pieces of at most :data:`PIECE_COLUMNS` columns (dW's into :data:`PIECE_ROWS` rows), each one
 single-threaded GEMM (:mod:`tinynet.nn.fast.gemm`), and the pieces are shared between tinynet's
 threads by their cost.  The cuts depend on the shapes only, and the sums into ``out`` and ``dx``
@@ -62,7 +63,7 @@ __all__ = ["Kn2rowCache", "kn2row_forward", "kn2row_backward", "valid_fraction",
 
 #: Columns per piece of a tap's products, at most.  Narrower pieces cost more calls than they
 #: balance: one thread's forward products of 512@2 at batch 64 took 8.1 ms in pieces of 64
-#: columns, 6.9 in pieces of 256, 6.8 whole (docs/performance.md, "kn2row").
+#: columns, 6.9 in pieces of 256, 6.8 whole (docs/performance.md, "kn2row on small maps").
 PIECE_COLUMNS = 512
 #: Rows of dW (output channels) per piece of its products, at most.
 PIECE_ROWS = 256
