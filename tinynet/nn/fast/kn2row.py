@@ -172,10 +172,8 @@ def _tap_weights(w, taps):
             for tap in taps:
                 wt[tap.i, tap.j, a:b] = w[a:b, :, tap.i, tap.j]
 
-    if backend.is_cupy_array(w):  # the GPU needs no host threads
-        copy(0, c_out)
-    else:
-        parallel_for(c_out, copy, elements=c_out * c * len(taps))
+    per_channel = c * len(taps)  # one block per thread: the copy has no intermediates to keep in cache
+    for_channel_blocks(c_out, per_channel, copy, w, block_elements=c_out * per_channel)
     return wt
 
 
