@@ -147,6 +147,11 @@ def _random(rng, shape, chwn):
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+def chwn_copy(a):
+    """A copy of ``a`` (N, C, H, W) laid out CHWN in memory, as layers hand activations on."""
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
 def to_device_keeping_layout(a, device):
     """``a`` on ``device`` with its memory order kept: the buffer moves, and the view is made there.
 

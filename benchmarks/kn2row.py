@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.cases import tinynet_eval_forward, tinynet_train_step  # noqa: E402
+from benchmarks.cases import chwn_copy, tinynet_eval_forward, tinynet_train_step  # noqa: E402
 from benchmarks.run import blas_summary, cpu_name, isa, matmul_peak  # noqa: E402
 from tinynet import nn  # noqa: E402
 from tinynet.nn.fast import conv  # noqa: E402
@@ -66,11 +66,6 @@ SHAPES = [
 ]
 
 
-def _chwn(a):
-    """A copy of ``a`` (N, C, H, W) laid out CHWN in memory, as layers hand activations on."""
-    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
-
-
 def _other(x, layer):
     """What the rule would run if kn2row did not exist: im2col, or Winograd where it would take it."""
     saved = conv.KN2ROW_MAX_FRACTION
@@ -85,9 +80,9 @@ def time_shape(c, c_out, h, k, s, p, n, rounds, repeat, forward_only):
     """Median ms per algorithm (``other``, ``kn2row``), alternating within every round."""
     rng = np.random.default_rng(0)
     layer = nn.Conv2d(c, c_out, k, stride=s, padding=p, bias=False, rng=rng)
-    x = _chwn(rng.standard_normal((n, c, h, h), dtype=np.float32))
+    x = chwn_copy(rng.standard_normal((n, c, h, h), dtype=np.float32))
     out = layer(x)
-    dy = _chwn(rng.standard_normal(out.shape, dtype=np.float32))
+    dy = chwn_copy(rng.standard_normal(out.shape, dtype=np.float32))
     layer.release_saved()
     names = (_other(x, layer), "kn2row")
 

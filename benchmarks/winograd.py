@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.cases import chwn_copy  # noqa: E402
 from tinynet import nn  # noqa: E402
 from tinynet.nn.fast import conv  # noqa: E402  (the fast convolution: its algorithms)
 
@@ -51,17 +52,12 @@ SHAPES = [
 ]
 
 
-def _chwn(a):
-    """A copy of ``a`` (N, C, H, W) laid out CHWN in memory, as layers hand activations on."""
-    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
-
-
 def time_shape(c, c_out, h, n, rounds, algorithms, forward_only=False):
     """Median ms of forward + backward (or the forward under ``no_grad``) per algorithm, alternating."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, h)).astype(np.float32)
-    x = x if c == 3 else _chwn(x)
-    dout = _chwn(rng.standard_normal((n, c_out, h, h)).astype(np.float32))
+    x = x if c == 3 else chwn_copy(x)
+    dout = chwn_copy(rng.standard_normal((n, c_out, h, h)).astype(np.float32))
     layer = nn.Conv2d(c, c_out, 3, padding=1, bias=False, rng=rng)
     layer.set_input_grad(c != 3)
 

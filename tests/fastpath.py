@@ -125,3 +125,10 @@ def float32_conv_errors(c, h, algorithms, stride=1, n=4, seed=0, torch=None) -> 
         out.backward(torch.tensor(d32))
         errors["torch"] = rel((out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()))
     return errors
+
+
+def chwn_copy(a):
+    """A copy of ``a`` (N, C, H, W) laid out CHWN in memory, as the fast path's layers hand activations on."""
+    import numpy as np
+
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)

@@ -14,7 +14,7 @@ from tinynet.nn.fast import conv, gemm, kn2row
 
 from conftest import torch_or_skip
 from fastpath import fast_path_on  # noqa: F401  (a fixture)
-from fastpath import float32_conv_errors
+from fastpath import chwn_copy, float32_conv_errors
 
 pytestmark = pytest.mark.usefixtures("fast_path_on")
 
@@ -32,10 +32,6 @@ GEOMETRIES = [
 ]
 
 
-def _chwn(a):
-    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
-
-
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_forward_and_backward_match_the_loop_reference(geometry, rng):
     n, c, co, h, w, k, s, p, bias = geometry
@@ -47,7 +43,7 @@ def test_forward_and_backward_match_the_loop_reference(geometry, rng):
     np.testing.assert_allclose(out, reference.conv2d(x, wt, b, s, p), rtol=1e-10, atol=1e-10)
     dout = rng.standard_normal(out.shape)
     rdx, rdw, rdb = reference.conv2d_grads(x, wt, dout, s, p)
-    for din in (dout, _chwn(dout), dout[:, :, ::-1][:, :, ::-1]):   # NCHW, CHWN, negative strides
+    for din in (dout, chwn_copy(dout), dout[:, :, ::-1][:, :, ::-1]):   # NCHW, CHWN, negative strides
         dx, dw, db = kn2row.kn2row_backward(din, cache)
         np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(dw, rdw, rtol=1e-10, atol=1e-10)
@@ -95,10 +91,10 @@ def test_bits_do_not_depend_on_the_number_of_threads(dtype, monkeypatch, rng):
     # Pieces small enough that every tap's products are cut, so the threads share them.
     monkeypatch.setattr(kn2row, "PIECE_COLUMNS", 64)
     monkeypatch.setattr(kn2row, "PIECE_ROWS", 16)
-    x = _chwn(rng.standard_normal((40, 48, 2, 3)).astype(dtype))
+    x = chwn_copy(rng.standard_normal((40, 48, 2, 3)).astype(dtype))
     wt = rng.standard_normal((40, 48, 3, 3)).astype(dtype)
     b = rng.standard_normal(40).astype(dtype)
-    dout = _chwn(rng.standard_normal((40, 40, 2, 3)).astype(dtype))
+    dout = chwn_copy(rng.standard_normal((40, 40, 2, 3)).astype(dtype))
     results = []
     try:
         for threads in (1, 2, 3):
@@ -169,7 +165,7 @@ def test_gpu_arrays_keep_im2col(monkeypatch):
 
 def test_a_layer_gives_the_same_bits_with_and_without_gradients(rng):
     layer = nn.Conv2d(512, 512, 3, padding=1, rng=rng)
-    x = _chwn(rng.standard_normal((64, 512, 2, 2)).astype(np.float32))
+    x = chwn_copy(rng.standard_normal((64, 512, 2, 2)).astype(np.float32))
     assert conv.choose_algorithm(x, layer.weight.shape, (1, 1), (1, 1)) == "kn2row"
     with_grad = np.array(layer(x))
     assert isinstance(layer._saved[-1][1][0], kn2row.Kn2rowCache)

@@ -11,7 +11,7 @@ from tinynet.nn.fast import conv  # the fast convolution: its algorithms, their 
 
 from conftest import torch_or_skip
 from fastpath import fast_path_on  # noqa: F401  (a fixture)
-from fastpath import float32_conv_errors
+from fastpath import chwn_copy, float32_conv_errors
 
 pytestmark = pytest.mark.usefixtures("fast_path_on")  # tests of the fast path itself (tinynet.nn.fast)
 
@@ -30,10 +30,6 @@ CASES = [
     (2, 2, 2, 1, 1, 2, True),   # a 1x1 image padded by 2: most tiles read only padding
     (1, 2, 2, 2, 3, 3, True),   # padding 3: whole tile rows and columns in the padding
 ]
-
-
-def _chwn(a):
-    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
 
 def _data(case, rng, dtype=np.float64):
@@ -110,7 +106,7 @@ def test_layouts_and_strides_of_inputs(m, rng):
     x, wt, b, pad, dout = _data((3, 4, 3, 9, 7, 1, True), rng)
     ref = reference.conv2d(x, wt, b, (1, 1), pad)
     rdx, rdw, _ = reference.conv2d_grads(x, wt, dout, (1, 1), pad)
-    for xin, din in ((x, dout), (_chwn(x), _chwn(dout)), (x, dout[:, :, ::-1][:, :, ::-1])):
+    for xin, din in ((x, dout), (chwn_copy(x), chwn_copy(dout)), (x, dout[:, :, ::-1][:, :, ::-1])):
         out, cache = winograd.winograd_forward(xin, wt, b, pad, m)
         np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)
         dx, dw, _ = winograd.winograd_backward(din, cache)
